@@ -1,0 +1,1 @@
+"""The supervisor behind `nexrl-launch`: placement parsing, spawning, supervision."""

@@ -1,0 +1,1 @@
+"""Data package holding the language-neutral wire contract (schema.json); see README.md here."""
