@@ -1,0 +1,150 @@
+"""The message schema (proto/schema.json) as fast checks.
+
+Every message a NexRL node sends is checked here before encoding (`check_outgoing`): a type
+missing from the schema, a missing required field or an undeclared field is a bug in the
+sender and raises `SchemaError` — so there is no undocumented traffic. Every message a node
+receives is checked by `check_incoming`: unknown fields are ignored (minor-version
+compatibility), a missing or mistyped field is refused with an `invalid_body` error reply.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Callable
+
+import numpy as np
+
+
+class SchemaError(ValueError):
+    """A message that breaks the schema; `code` is the wire error code, the text says why."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+Checker = Callable[[Any], bool]
+
+
+def _is_array(v: Any) -> bool:
+    if isinstance(v, np.ndarray):
+        return True
+    return type(v).__module__ == "torch" and type(v).__name__ == "Tensor"
+
+
+_BASE: dict[str, Checker] = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, (bool, np.bool_)),
+    "bytes": lambda v: isinstance(v, (bytes, bytearray, memoryview)),
+    "array": _is_array,
+    "any": lambda v: True,
+    "map": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, (list, tuple)),
+}
+
+
+def _checker(type_name: str) -> Checker:
+    if type_name in _BASE:
+        return _BASE[type_name]
+    for outer, test in (("list[", lambda v: isinstance(v, (list, tuple))),
+                        ("map[", lambda v: isinstance(v, dict))):
+        if type_name.startswith(outer) and type_name.endswith("]"):
+            inner = _checker(type_name[len(outer):-1])
+            if outer == "list[":
+                return lambda v, t=test, i=inner: t(v) and all(i(x) for x in v)
+            return lambda v, t=test, i=inner: t(v) and all(
+                isinstance(k, str) and i(x) for k, x in v.items())
+    raise ValueError(f"proto/schema.json: unknown field type {type_name!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    name: str
+    type: str
+    required: bool
+    nullable: bool
+    check: Checker
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSpec:
+    type: str
+    kind: str  # request | reply | event
+    reply: str | None
+    fields: tuple[Field, ...]
+    names: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    version: str
+    messages: dict[str, MessageSpec]
+    raw: dict[str, Any]
+
+    def spec(self, mtype: str) -> MessageSpec:
+        try:
+            return self.messages[mtype]
+        except KeyError:
+            raise SchemaError("unknown_type", f"message type {mtype!r} is not in proto/schema.json") from None
+
+
+def parse_schema(raw: dict[str, Any]) -> Schema:
+    messages = {}
+    for mtype, m in raw["messages"].items():
+        fields = tuple(
+            Field(name, f["type"], bool(f.get("required", False)), bool(f.get("nullable", False)),
+                  _checker(f["type"]))
+            for name, f in m.get("fields", {}).items())
+        if m["kind"] not in ("request", "reply", "event"):
+            raise ValueError(f"proto/schema.json: {mtype} has unknown kind {m['kind']!r}")
+        messages[mtype] = MessageSpec(mtype, m["kind"], m.get("reply"), fields,
+                                      frozenset(f.name for f in fields))
+    return Schema(raw["version"], messages, raw)
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> Schema:
+    """The schema shipped with this package (proto/schema.json)."""
+    text = resources.files("nexrl.proto").joinpath("schema.json").read_text(encoding="utf-8")
+    return parse_schema(json.loads(text))
+
+
+def _check_fields(spec: MessageSpec, body: dict[str, Any]) -> None:
+    for f in spec.fields:
+        if f.name not in body:
+            if f.required:
+                raise SchemaError("invalid_body", f"{spec.type}: required field {f.name!r} is missing")
+            continue
+        v = body[f.name]
+        if v is None:
+            if not f.nullable:
+                raise SchemaError("invalid_body", f"{spec.type}: field {f.name!r} must not be nil")
+            continue
+        if not f.check(v):
+            raise SchemaError("invalid_body", f"{spec.type}: field {f.name!r} must be {f.type}, "
+                                              f"got {type(v).__name__}")
+
+
+def check_outgoing(mtype: str, body: dict[str, Any]) -> MessageSpec:
+    """Refuse (SchemaError) a message this process is about to send that the schema lacks."""
+    spec = load_schema().spec(mtype)
+    if not isinstance(body, dict):
+        raise SchemaError("invalid_body", f"{mtype}: body must be a dict, got {type(body).__name__}")
+    extra = body.keys() - spec.names
+    if extra:
+        raise SchemaError("invalid_body", f"{mtype}: fields {sorted(extra)} are not declared in "
+                                          f"proto/schema.json (declare them there first)")
+    _check_fields(spec, body)
+    return spec
+
+
+def check_incoming(mtype: str, body: dict[str, Any]) -> MessageSpec:
+    """Check a received body; unknown fields are allowed (newer minor versions add fields)."""
+    spec = load_schema().spec(mtype)
+    _check_fields(spec, body)
+    return spec

@@ -1,0 +1,1 @@
+"""Command-line entry points: nexrl-node (run one node) and nexrl-bus (inspect the bus)."""
