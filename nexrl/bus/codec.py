@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ WIRE_DTYPES = (
     "float16", "float32", "float64", "complex64", "complex128", "bfloat16",
 )
 _WIRE_DTYPE_SET = frozenset(WIRE_DTYPES)
+_VERSION_RE = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 
 
 class DecodeError(ValueError):
@@ -112,9 +114,11 @@ def _encode_ndarray(arr: np.ndarray, oob: list, oob_threshold: int) -> msgpack.E
     if dtype not in _WIRE_DTYPE_SET:
         raise EncodeError(f"numpy dtype {arr.dtype!r} cannot travel on the wire; "
                           f"allowed: {', '.join(WIRE_DTYPES)}")
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    arr = np.ascontiguousarray(arr)
+    wire_dtype = arr.dtype.newbyteorder("<")  # the wire is little-endian, whatever the host
+    if arr.dtype != wire_dtype:
+        arr = arr.astype(wire_dtype)
+    if not arr.flags.c_contiguous:  # (not np.ascontiguousarray: it turns 0-d arrays into 1-d)
+        arr = np.ascontiguousarray(arr)
     buf = memoryview(arr.reshape(-1).view(np.uint8))
     return msgpack.ExtType(EXT_NDARRAY,
                            _array_payload(dtype, arr.shape, buf, arr.nbytes, oob, oob_threshold))
@@ -211,7 +215,7 @@ def _decode_array(code: int, payload: bytes, frames: list) -> Any:
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise DecodeError(f"ext {code} payload is not [dtype, shape, data]: {e}") from e
     if not isinstance(dtype, str) or not isinstance(shape, list) or \
-            not all(isinstance(d, int) and d >= 0 for d in shape):
+            not all(type(d) is int and d >= 0 for d in shape):
         raise DecodeError(f"ext {code} payload has a bad dtype {dtype!r} or shape {shape!r}")
     if isinstance(data, int) and not isinstance(data, bool):
         if not 0 <= data < len(frames) - 1:
@@ -282,6 +286,8 @@ def decode(frames: list, max_bytes: int | None = None) -> Message:
     version = head.get("version")
     if not isinstance(version, str):
         raise DecodeError("envelope field 'version' is missing or not a string")
+    if _VERSION_RE.fullmatch(version) is None:
+        raise DecodeError(f"envelope field 'version' must be 'MAJOR.MINOR', not {version!r}")
     major = version.split(".", 1)[0]
     if major != str(PROTOCOL_MAJOR):
         raise DecodeError(f"protocol version {version!r} is incompatible with {PROTOCOL_VERSION}",
@@ -302,5 +308,7 @@ def decode(frames: list, max_bytes: int | None = None) -> Message:
         raise DecodeError(f"envelope field 'ts' of {mtype!r} must be a number")
     if not isinstance(body, dict):
         raise DecodeError(f"envelope field 'body' of {mtype!r} must be a map")
+    if not all(type(k) is str for k in body):  # msgpack lets bin keys through; the wire does not
+        raise DecodeError(f"body of {mtype!r} has a key that is not a string")
     return Message(type=mtype, body=body, sender=sender, msg_id=msg_id, reply_to=reply_to,
                    seq=seq, ts=float(ts), version=version)
