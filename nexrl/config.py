@@ -76,6 +76,9 @@ class NodeConfig:
     name: str = MISSING
     #: Where this node's ROUTER binds (requests to it go here). Port 0 picks a free port.
     endpoint: str = "tcp://127.0.0.1:0"
+    #: This node's HTTP base URL, for nodes that serve HTTP (inference engines): the supervisor
+    #: fills it from the placement, and peers see the same value as `peers[name].url`.
+    http_url: str = ""
     #: "job": start work when the supervisor publishes job.state=running; "now": at once.
     start: str = "job"
     #: Seconds a stopping node gives its work to finish before it exits anyway.
