@@ -22,9 +22,11 @@ recognised through `sys.modules`, and torch is imported on decode only if a tens
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,7 +98,8 @@ def reset_id_prefix() -> None:
 
 def _torch_tensor_type() -> type | None:
     torch = sys.modules.get("torch")
-    return torch.Tensor if torch is not None else None
+    # getattr: another thread may be half-way through `import torch` right now
+    return getattr(torch, "Tensor", None) if torch is not None else None
 
 
 def _array_payload(dtype: str, shape: tuple[int, ...], buf: memoryview, nbytes: int,
@@ -105,18 +108,32 @@ def _array_payload(dtype: str, shape: tuple[int, ...], buf: memoryview, nbytes: 
         oob.append(buf)
         data: Any = len(oob) - 1
     else:
-        data = buf.tobytes() if not isinstance(buf, bytes) else buf
-    return msgpack.packb([dtype, list(shape), data], use_bin_type=True)
+        data = buf  # msgpack packs a memoryview as bin directly (no tobytes() copy)
+    return _ENCODER.inner.pack([dtype, list(shape), data])
+
+
+#: dtype -> wire name, for dtypes seen before (numpy's dtype.name is a slow property).
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+def _wire_name(dt: np.dtype) -> str:
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        name = dt.name
+        if name not in _WIRE_DTYPE_SET:
+            raise EncodeError(f"numpy dtype {dt!r} cannot travel on the wire; "
+                              f"allowed: {', '.join(WIRE_DTYPES)}")
+        _DTYPE_NAMES[dt] = name
+    return name
 
 
 def _encode_ndarray(arr: np.ndarray, oob: list, oob_threshold: int) -> msgpack.ExtType:
-    dtype = arr.dtype.name
-    if dtype not in _WIRE_DTYPE_SET:
-        raise EncodeError(f"numpy dtype {arr.dtype!r} cannot travel on the wire; "
-                          f"allowed: {', '.join(WIRE_DTYPES)}")
-    wire_dtype = arr.dtype.newbyteorder("<")  # the wire is little-endian, whatever the host
-    if arr.dtype != wire_dtype:
-        arr = arr.astype(wire_dtype)
+    dt = arr.dtype
+    dtype = _wire_name(dt)
+    order = dt.byteorder  # the wire is little-endian, whatever the host
+    if order == ">" or (order == "=" and not _LITTLE_ENDIAN_HOST):
+        arr = arr.astype(dt.newbyteorder("<"))
     if not arr.flags.c_contiguous:  # (not np.ascontiguousarray: it turns 0-d arrays into 1-d)
         arr = np.ascontiguousarray(arr)
     buf = memoryview(arr.reshape(-1).view(np.uint8))
@@ -143,12 +160,20 @@ def _encode_tensor(t: Any, oob: list, oob_threshold: int) -> msgpack.ExtType:
                            _array_payload(dtype, tuple(t.shape), buf, arr.nbytes, oob, oob_threshold))
 
 
-def encode(msg: Message, oob_threshold: int = OOB_THRESHOLD) -> list:
-    """Frames for `msg`: [header bytes, *out-of-band buffers (memoryviews)]."""
-    oob: list = []
-    tensor_type = _torch_tensor_type()
+class _Encoder(threading.local):
+    """Per-thread encoding state. One msgpack Packer is built per thread and reused (a new
+    Packer per message, as msgpack.packb makes, costs about a third of a small encode); its
+    `default` hook reads the current message's state (`cur`: out-of-band list, threshold,
+    type, torch.Tensor) from here. A nested encode on the same thread (a signal handler
+    that publishes while `default` runs) gets a fresh Packer and puts `cur` back after."""
 
-    def default(obj: Any) -> Any:
+    def __init__(self) -> None:
+        self.cur: tuple | None = None
+        self.packer = msgpack.Packer(default=self.default, use_bin_type=True, autoreset=True)
+        self.inner = msgpack.Packer(use_bin_type=True, autoreset=True)  # ext payloads
+
+    def default(self, obj: Any) -> Any:
+        oob, oob_threshold, mtype, tensor_type = self.cur
         if isinstance(obj, np.ndarray):
             return _encode_ndarray(obj, oob, oob_threshold)
         if isinstance(obj, np.generic):
@@ -158,8 +183,20 @@ def encode(msg: Message, oob_threshold: int = OOB_THRESHOLD) -> list:
         if isinstance(obj, (tuple, set, frozenset)):
             return list(obj)
         raise EncodeError(f"a value of type {type(obj).__name__} cannot travel on the wire "
-                          f"in a {msg.type!r} message")
+                          f"in a {mtype!r} message")
 
+
+_ENCODER = _Encoder()
+
+
+def encode(msg: Message, oob_threshold: int = OOB_THRESHOLD) -> list:
+    """Frames for `msg`: [header bytes, *out-of-band buffers (memoryviews)]."""
+    enc = _ENCODER
+    outer = enc.cur
+    oob: list = []
+    enc.cur = (oob, oob_threshold, msg.type, _torch_tensor_type())
+    packer = enc.packer if outer is None else msgpack.Packer(
+        default=enc.default, use_bin_type=True, autoreset=True)
     header = {
         "version": msg.version,
         "type": msg.type,
@@ -171,12 +208,14 @@ def encode(msg: Message, oob_threshold: int = OOB_THRESHOLD) -> list:
         "body": msg.body,
     }
     try:
-        head = msgpack.packb(header, default=default, use_bin_type=True)
+        head = packer.pack(header)  # (a Packer resets itself when this raises)
     except (TypeError, ValueError, OverflowError) as e:
         if isinstance(e, EncodeError):
             raise
         raise EncodeError(f"cannot encode {msg.type!r}: {e}") from e
-    return [head, *oob]
+    finally:
+        enc.cur = outer
+    return [head, *oob] if oob else [head]
 
 
 def stamp(msg: Message, sender: str, seq: int) -> Message:
@@ -197,7 +236,13 @@ def _frame_buffer(frame: Any) -> memoryview:
     return buf if buf is not None else memoryview(frame)
 
 
+_NP_DTYPES: dict[str, np.dtype] = {}  # wire name -> little-endian numpy dtype
+
+
 def _np_dtype(name: str) -> np.dtype:
+    dt = _NP_DTYPES.get(name)
+    if dt is not None:
+        return dt
     if name not in _WIRE_DTYPE_SET:
         raise DecodeError(f"unknown array dtype {name!r}; the wire knows {', '.join(WIRE_DTYPES)}")
     if name == "bfloat16":
@@ -205,8 +250,11 @@ def _np_dtype(name: str) -> np.dtype:
             import ml_dtypes  # optional: numpy has no bfloat16 of its own
         except ImportError as e:
             raise DecodeError("a bfloat16 numpy array needs the ml_dtypes package") from e
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name).newbyteorder("<")
+        dt = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dt = np.dtype(name).newbyteorder("<")
+    _NP_DTYPES[name] = dt
+    return dt
 
 
 def _decode_array(code: int, payload: bytes, frames: list) -> Any:
@@ -214,26 +262,32 @@ def _decode_array(code: int, payload: bytes, frames: list) -> Any:
         dtype, shape, data = msgpack.unpackb(payload, raw=False)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise DecodeError(f"ext {code} payload is not [dtype, shape, data]: {e}") from e
-    if not isinstance(dtype, str) or not isinstance(shape, list) or \
+    if type(dtype) is not str or type(shape) is not list or \
             not all(type(d) is int and d >= 0 for d in shape):
         raise DecodeError(f"ext {code} payload has a bad dtype {dtype!r} or shape {shape!r}")
-    if isinstance(data, int) and not isinstance(data, bool):
+    if type(data) is bytes:
+        buf: Any = data
+    elif type(data) is int:
         if not 0 <= data < len(frames) - 1:
             raise DecodeError(f"array refers to out-of-band frame {data}, "
                               f"but the message has {len(frames) - 1}")
         buf = _frame_buffer(frames[data + 1])
-    elif isinstance(data, bytes):
-        buf = data
     else:
         raise DecodeError(f"ext {code} data must be bin or a frame index, not {type(data).__name__}")
     if code == EXT_TENSOR:
         return _to_tensor(dtype, shape, buf)
     dt = _np_dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # exact (numpy's int64 prod overflows on absurd shapes)
     if len(buf) != count * dt.itemsize:
         raise DecodeError(f"array of dtype {dtype} and shape {shape} needs "
                           f"{count * dt.itemsize} bytes, got {len(buf)}")
-    return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
+    arr = np.frombuffer(buf, dtype=dt, count=count)
+    if len(shape) == 1:
+        return arr
+    try:
+        return arr.reshape(shape)
+    except ValueError as e:  # e.g. more dimensions than numpy supports
+        raise DecodeError(f"array shape {shape} is not supported: {e}") from e
 
 
 def _to_tensor(dtype: str, shape: list, buf: Any) -> Any:
@@ -243,7 +297,7 @@ def _to_tensor(dtype: str, shape: list, buf: Any) -> Any:
 
     wire = "int16" if dtype == "bfloat16" else dtype
     dt = _np_dtype(wire)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     if len(buf) != count * dt.itemsize:
         raise DecodeError(f"tensor of dtype {dtype} and shape {shape} needs "
                           f"{count * dt.itemsize} bytes, got {len(buf)}")
@@ -253,62 +307,73 @@ def _to_tensor(dtype: str, shape: list, buf: Any) -> Any:
         t = torch.from_numpy(arr)
     if dtype == "bfloat16":
         t = t.view(torch.bfloat16)
-    return t.reshape(shape)
+    try:
+        return t.reshape(shape)
+    except (RuntimeError, ValueError, TypeError) as e:  # e.g. a shape torch cannot hold
+        raise DecodeError(f"tensor shape {shape} is not supported: {e}") from e
 
 
 def decode(frames: list, max_bytes: int | None = None) -> Message:
     """Parse frames (bytes or zmq.Frame) into a Message; raises DecodeError saying why not.
 
     Checks only the envelope; the body is checked against the schema by `schema.check`.
+    (Hot path: exact type tests, since msgpack yields exact builtins, and the common
+    version string short-cuts the version parse.)
     """
     if not frames:
         raise DecodeError("empty message (no frames)")
+    first = frames[0]
+    head_buf = first if type(first) is bytes else _frame_buffer(first)
     if max_bytes is not None:
-        total = sum(len(_frame_buffer(f)) for f in frames)
+        total = (len(head_buf) if len(frames) == 1 else
+                 sum(len(_frame_buffer(f)) for f in frames))
         if total > max_bytes:
             raise DecodeError(f"message of {total} bytes exceeds the limit of {max_bytes}",
                               "too_large")
 
     def ext_hook(code: int, payload: bytes) -> Any:
-        if code in (EXT_NDARRAY, EXT_TENSOR):
+        if code == EXT_NDARRAY or code == EXT_TENSOR:
             return _decode_array(code, payload, frames)
         raise DecodeError(f"unknown msgpack ext type {code} (known: 1 ndarray, 2 tensor)")
 
     try:
-        head = msgpack.unpackb(_frame_buffer(frames[0]), raw=False, ext_hook=ext_hook,
-                               strict_map_key=True)
+        head = msgpack.unpackb(head_buf, raw=False, ext_hook=ext_hook, strict_map_key=True)
     except DecodeError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
         raise DecodeError(f"header frame is not valid msgpack: {type(e).__name__}: {e}") from e
-    if not isinstance(head, dict):
+    if type(head) is not dict:
         raise DecodeError(f"header must be a map, got {type(head).__name__}")
-    version = head.get("version")
-    if not isinstance(version, str):
-        raise DecodeError("envelope field 'version' is missing or not a string")
-    if _VERSION_RE.fullmatch(version) is None:
-        raise DecodeError(f"envelope field 'version' must be 'MAJOR.MINOR', not {version!r}")
-    major = version.split(".", 1)[0]
-    if major != str(PROTOCOL_MAJOR):
-        raise DecodeError(f"protocol version {version!r} is incompatible with {PROTOCOL_VERSION}",
-                          "bad_version")
-    mtype, msg_id, reply_to = head.get("type"), head.get("msg_id"), head.get("reply_to")
-    sender, seq, ts, body = head.get("sender"), head.get("seq"), head.get("ts"), head.get("body")
-    if not isinstance(mtype, str) or not mtype:
+    get = head.get
+    version = get("version")
+    if version != PROTOCOL_VERSION:
+        if type(version) is not str:
+            raise DecodeError("envelope field 'version' is missing or not a string")
+        if _VERSION_RE.fullmatch(version) is None:
+            raise DecodeError(f"envelope field 'version' must be 'MAJOR.MINOR', not {version!r}")
+        if version.split(".", 1)[0] != str(PROTOCOL_MAJOR):
+            raise DecodeError(f"protocol version {version!r} is incompatible with "
+                              f"{PROTOCOL_VERSION}", "bad_version")
+    mtype, msg_id, reply_to = get("type"), get("msg_id"), get("reply_to")
+    sender, seq, ts, body = get("sender"), get("seq"), get("ts"), get("body")
+    if type(mtype) is not str or not mtype:
         raise DecodeError("envelope field 'type' is missing or not a non-empty string")
-    if not isinstance(msg_id, str):
+    if type(msg_id) is not str:
         raise DecodeError(f"envelope field 'msg_id' of {mtype!r} must be a string")
-    if reply_to is not None and not isinstance(reply_to, str):
+    if reply_to is not None and type(reply_to) is not str:
         raise DecodeError(f"envelope field 'reply_to' of {mtype!r} must be a string or nil")
-    if not isinstance(sender, str):
+    if type(sender) is not str:
         raise DecodeError(f"envelope field 'sender' of {mtype!r} must be a string")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+    if type(seq) is not int or seq < 0:
         raise DecodeError(f"envelope field 'seq' of {mtype!r} must be a non-negative integer")
-    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
-        raise DecodeError(f"envelope field 'ts' of {mtype!r} must be a number")
-    if not isinstance(body, dict):
+    tst = type(ts)
+    if tst is not float:
+        if tst is not int:
+            raise DecodeError(f"envelope field 'ts' of {mtype!r} must be a number")
+        ts = float(ts)
+    if type(body) is not dict:
         raise DecodeError(f"envelope field 'body' of {mtype!r} must be a map")
-    if not all(type(k) is str for k in body):  # msgpack lets bin keys through; the wire does not
-        raise DecodeError(f"body of {mtype!r} has a key that is not a string")
-    return Message(type=mtype, body=body, sender=sender, msg_id=msg_id, reply_to=reply_to,
-                   seq=seq, ts=float(ts), version=version)
+    for k in body:
+        if type(k) is not str:  # msgpack lets bin keys through; the wire does not
+            raise DecodeError(f"body of {mtype!r} has a key that is not a string")
+    return Message(mtype, body, sender, msg_id, reply_to, seq, ts, version)

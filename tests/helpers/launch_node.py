@@ -28,6 +28,8 @@ class LaunchTestConfig:
     metrics_steps: int = 0
     #: After run_s, ask the supervisor to stop the job: "" no, "ok" (failed=false), "fail".
     stop_job: str = ""
+    #: After run_s, publish a (non-fatal) node.error with this code and keep serving.
+    error_code: str = ""
 
 
 class LaunchTestNode(Node):
@@ -55,6 +57,11 @@ class LaunchTestNode(Node):
             return
         if self.cfg.crash:
             raise RuntimeError(f"{self.name} crashed on purpose (crash=true)")
+        if self.cfg.error_code:
+            self.publish("node.error", {"node": self.name, "role": self.role,
+                                        "code": self.cfg.error_code, "message": "raised on purpose"})
+            self.stopping.wait()
+            return
         if self.cfg.stop_job:
             reply = self.client("supervisor").request(
                 "job.stop", {"reason": f"{self.name} is done", "failed": self.cfg.stop_job == "fail"})
