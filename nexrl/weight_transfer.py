@@ -186,7 +186,6 @@ def pack_bucket(tensors: list[Any], out: Any = None, device: Any = None) -> Any:
 
 def unpack_bucket(flat: Any, metas: list[TensorMeta]) -> list[tuple[str, Any]]:
     """Split a flat uint8 buffer back into named tensors (views; copies only if misaligned)."""
-    import torch
 
     want = sum(m.nbytes for m in metas)
     if want != flat.numel():

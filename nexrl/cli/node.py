@@ -58,6 +58,8 @@ def build_configs(cls: type, node_layers: list[Any], role_layers: list[Any],
 def setup_logging(level: str, name: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
+    # httpx logs every request at INFO (one line per weight bucket, per drain poll): too chatty
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def set_title(role: str, name: str) -> None:
@@ -106,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     set_title(node_cfg.role, node_cfg.name)
     os.environ.setdefault("NEXRL_NODE", node_cfg.name)
     node = cls(node_cfg, role_cfg)
-    return node.run()
+    code = node.run()
+    if node.hard_exit:  # a stuck thread still holds sockets: do not wait for it at exit
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
