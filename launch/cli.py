@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -131,6 +132,7 @@ def describe(plan: Plan, recipes: list[str], overrides: list[str]) -> str:
            + (f"   overrides: {' '.join(overrides)}" if overrides else ""),
            f"event proxy: on host {plan.bus_host.name}: publish {plan.events_pub}, "
            f"subscribe {plan.events_sub}; supervisor requests at {plan.supervisor}",
+           *(f"setup:       {c}" for c in setup_commands(plan)),
            f"nodes ({len(plan.instances)}, in start order):"]
     for i in plan.instances:
         n = i.entry
@@ -171,15 +173,49 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], l
     return args, recipes, overrides
 
 
+def setup_commands(plan: Plan) -> list[str]:
+    """job.setup with placeholders filled."""
+    here = os.path.dirname(os.path.abspath(plan.placement.path))
+    return [c.format(run_dir=shlex.quote(plan.run_dir), python=shlex.quote(sys.executable),
+                     placement_dir=shlex.quote(here))
+            for c in plan.placement.job.setup]
+
+
+def run_setup(plan: Plan, console: Console) -> bool:
+    """Run job.setup before any node starts; output to logs/setup.log. False on failure."""
+    log_path = os.path.join(plan.run_dir, "logs", "setup.log")
+    timeout = plan.placement.job.setup_timeout_s
+    for cmd in setup_commands(plan):
+        console.say(f"setup: {cmd}")
+        t0 = time.time()
+        with open(log_path, "a") as log:
+            log.write(f"$ {cmd}\n")
+            log.flush()
+            try:
+                rc = subprocess.run(cmd, shell=True, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = None
+        if rc != 0:
+            tail = "".join(open(log_path, errors="replace").readlines()[-20:])
+            why = f"timed out after {timeout:.0f}s" if rc is None else f"exited {rc}"
+            console.say(f"setup command {why}: {cmd}\n{tail}(full output: {log_path})")
+            return False
+        console.say(f"setup: done in {time.time() - t0:.1f}s")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args, recipes, overrides = parse_args(argv)
     t0 = time.time()
     try:
         p = load_placement(args.placement)
-        recipe = load_recipe(p, recipes, overrides)
         stem = Path(args.placement).stem
+        if stem == "placement":  # recipes/<task>/placement.yaml -> runs/<task>-<time>
+            stem = Path(args.placement).resolve().parent.name
         run_dir = args.run_dir or p.job.run_dir or os.path.join(
             "runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        recipe = load_recipe(p, recipes, overrides, os.path.abspath(run_dir))
         plan = resolve(p, recipe, run_dir)
         configs = validate(plan)
     except (PlacementError, ConfigError, ImportError) as e:  # PluginError is an ImportError
@@ -197,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     remote_files = write_run_dir(plan, configs, header)
     console = Console(color=False if args.no_color else None)
     console.open_file(os.path.join(plan.run_dir, "launch.log"))
+    if not run_setup(plan, console):
+        console.close()
+        return 1
     from .supervisor import Supervisor
 
     try:

@@ -1,7 +1,7 @@
 """The placement file: which node runs where, with which GPUs, ports, env and restart policy.
 
     job:     {run_dir, ready_timeout_s, drain_timeout_s, term_timeout_s, log_level, env,
-              forward_env, ssh_command}
+              forward_env, ssh_command, setup, setup_timeout_s}
     hosts:   [{name, address, ssh, ssh_command, gpus, python, workdir, port_base, env}]
     bus:     {host, events_pub, events_sub, supervisor, settings: {<nexrl.config.BusConfig fields>}}
     recipe:  path of the recipe YAML (relative to this file), or given on the command line
@@ -167,6 +167,12 @@ class JobSpec:
                                                            "TOKENIZERS_*", "NCCL_*"])
     #: Command that runs ssh (argv list); the host's ssh target is appended.
     ssh_command: list[str] = field(default_factory=lambda: list(DEFAULT_SSH))
+    #: Shell commands run in order on this machine before any node starts (make data, build a
+    #: model); placeholders {run_dir}, {python} and {placement_dir} (this file's folder).
+    #: Each must exit 0 within setup_timeout_s.
+    setup: list[str] = field(default_factory=list)
+    #: Seconds each setup command may take.
+    setup_timeout_s: float = 600.0
 
 
 @dataclass

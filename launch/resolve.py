@@ -108,11 +108,15 @@ def role_ref(p: Placement, role: str) -> str:
     return role  # let the class loader report the missing file with its own message
 
 
-def load_recipe(p: Placement, recipe_paths: list[str], overrides: list[str]) -> dict[str, Any]:
-    """The resolved recipe: given paths (or the placement's), overrides, interpolations."""
+def load_recipe(p: Placement, recipe_paths: list[str], overrides: list[str],
+                run_dir: str = "") -> dict[str, Any]:
+    """The resolved recipe: given paths (or the placement's), overrides, interpolations.
+
+    `run_dir` (absolute) is a free value the recipe may use as `${run_dir}` (e.g. for a model
+    the job's setup commands build inside the run directory)."""
     paths = list(recipe_paths) or ([str(base_dir(p) / p.recipe)] if p.recipe else [])
     try:
-        cfg = OmegaConf.create({})
+        cfg = OmegaConf.create({"run_dir": run_dir} if run_dir else {})
         for path in paths:
             try:
                 cfg = OmegaConf.merge(cfg, OmegaConf.load(path))

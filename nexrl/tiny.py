@@ -21,6 +21,7 @@ Usage::
 
     from nexrl.tiny import build_tiny_model
     path = build_tiny_model("/tmp/tiny")          # idempotent; returns the path
+    python -m nexrl.tiny /tmp/tiny                # the same from a shell
 """
 
 from __future__ import annotations
@@ -195,3 +196,29 @@ def build_tiny_model(
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nexrl.tiny PATH [--seed S] ...`: build (or reuse) a tiny model at PATH."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m nexrl.tiny", description=main.__doc__)
+    ap.add_argument("path")
+    ap.add_argument("--num-layers", type=int, default=2)
+    ap.add_argument("--hidden-size", type=int, default=64)
+    ap.add_argument("--num-heads", type=int, default=4)
+    ap.add_argument("--num-kv-heads", type=int, default=2)
+    ap.add_argument("--intermediate-size", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-std", type=float, default=0.2)
+    a = ap.parse_args(argv)
+    path = build_tiny_model(a.path, num_layers=a.num_layers, hidden_size=a.hidden_size,
+                            num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+                            intermediate_size=a.intermediate_size, seed=a.seed,
+                            init_std=a.init_std)
+    print(f"tiny model at {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
