@@ -81,7 +81,7 @@ class Tracker(Node):
         self.steps: dict[int, dict[str, float]] = defaultdict(dict)
         self.validation: list[dict[str, Any]] = []
         self.checkpoints: list[dict[str, Any]] = []
-        self.activity: dict[str, dict[str, Any]] = {}
+        self.node_activity: dict[str, dict[str, Any]] = {}
         self.errors: list[dict[str, Any]] = []
         self.live_version = 0
         self.stop_requested = False
@@ -155,7 +155,7 @@ class Tracker(Node):
     def on_heartbeat(self, msg: Message) -> None:
         activity = msg.body.get("activity")
         if isinstance(activity, dict):
-            self.activity[str(msg.body["name"])] = activity
+            self.node_activity[str(msg.body["name"])] = activity
 
     @handles("node.error")
     def on_error(self, msg: Message) -> None:
@@ -184,7 +184,7 @@ class Tracker(Node):
 
     def quiescent(self) -> bool:
         """True when no node reports work in flight."""
-        return all(int(a.get("inflight", 0)) == 0 for a in self.activity.values())
+        return all(int(a.get("inflight", 0)) == 0 for a in self.node_activity.values())
 
     def progress_line(self, step: int) -> str:
         v = self.steps[step]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.data_procs import DataBus, wait_for
+from helpers.data_procs import DataBus
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -42,13 +42,13 @@ class InferenceNode(Node):
                                  f"http://host:port")
             cfg.host, cfg.port = u.hostname, u.port
         self._server_stop = threading.Event()
-        self._bound = threading.Event()
+        self._server_bound = threading.Event()
         self._server_error: BaseException | None = None
         self.url = ""
 
         def on_ready(port: int) -> None:
             self.url = f"http://{cfg.host}:{port}"
-            self._bound.set()
+            self._server_bound.set()
 
         def serve() -> None:
             try:
@@ -56,12 +56,12 @@ class InferenceNode(Node):
             except BaseException as e:  # reported by setup()/main() on the worker thread
                 self._server_error = e
             finally:
-                self._bound.set()
+                self._server_bound.set()
 
         self._thread = threading.Thread(target=serve, name="http-server", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not self._bound.wait(0.5):
+        while not self._server_bound.wait(0.5):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"inference engine did not start within {STARTUP_TIMEOUT_S:.0f}s "
                                    f"(model {cfg.model_path})")
