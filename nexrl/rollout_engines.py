@@ -88,15 +88,19 @@ def _version(value: Any, url: str) -> int:
                            f"(weight_sync sets it to the trainer step)")
 
 
-def parse_choice(choice: dict[str, Any], url: str) -> Sample:
-    """A Sample from one completion choice (the embedded engine's extension fields)."""
+def parse_choice(choice: dict[str, Any], url: str, response_version: Any = None) -> Sample:
+    """A Sample from one completion choice (the embedded engine's extension fields).
+
+    sglang reports the weight version once per response (`metadata.weight_version`), not per
+    choice: `response_version` is that value, used when the choice carries none."""
     ids, lps = choice.get("token_ids"), choice.get("token_logprobs")
     if lps is None and isinstance(choice.get("logprobs"), dict):  # standard OpenAI logprobs
         lps = choice["logprobs"].get("token_logprobs")
     if not isinstance(ids, list) or not isinstance(lps, list) or len(ids) != len(lps):
         raise EngineReplyError(f"engine {url}: a choice lacks token_ids/token_logprobs of equal "
                                f"length (is it NexRL's engine, or asked with logprobs?)")
-    versions = choice.get("token_weight_versions") or [choice.get("weight_version")]
+    versions = (choice.get("token_weight_versions")
+                or [choice.get("weight_version", response_version)])
     vs = [_version(v, url) for v in versions]
     return Sample(response_ids=[int(t) for t in ids], logprobs=[float(x) for x in lps],
                   finish_reason=str(choice.get("finish_reason") or ""),
@@ -210,7 +214,8 @@ class EnginePool:
         choices = sorted((c.model_dump() for c in resp.choices), key=lambda c: c.get("index", 0))
         if len(choices) != n:
             raise EngineReplyError(f"engine {url}: asked for {n} choices, got {len(choices)}")
-        samples = [parse_choice(c, url) for c in choices]
+        meta = (resp.model_dump().get("metadata") or {}) if hasattr(resp, "model_dump") else {}
+        samples = [parse_choice(c, url, meta.get("weight_version")) for c in choices]
         for s in samples:
             s.generate_s = dt
         return samples

@@ -392,3 +392,15 @@ def test_episode_and_tokenize_turn_units(ref):
     t.response_mask = t.response_mask[:-1]
     with pytest.raises(ValueError, match="one length"):
         to_wire(task, [t], "rollout-x")
+
+
+def test_parse_choice_takes_sglangs_response_level_weight_version():
+    """sglang puts weight_version in the response's metadata, not in each choice."""
+    from nexrl.rollout_engines import EngineReplyError, parse_choice
+
+    choice = {"token_ids": [5, 6], "logprobs": {"token_logprobs": [-0.5, -1.5]},
+              "finish_reason": "stop"}
+    s = parse_choice(choice, "http://sglang:30000", "7")
+    assert (s.weight_version, s.weight_version_max, s.logprobs) == (7, 7, [-0.5, -1.5])
+    with pytest.raises(EngineReplyError, match="weight_version None"):
+        parse_choice(choice, "http://sglang:30000")
