@@ -233,7 +233,8 @@ def stamp(msg: Message, sender: str, seq: int) -> Message:
 
 def _frame_buffer(frame: Any) -> memoryview:
     buf = getattr(frame, "buffer", None)  # zmq.Frame (received with copy=False)
-    return buf if buf is not None else memoryview(frame)
+    # read-only either way, so decoded arrays are read-only views whatever carried them
+    return buf.toreadonly() if buf is not None else memoryview(frame)
 
 
 _NP_DTYPES: dict[str, np.dtype] = {}  # wire name -> little-endian numpy dtype
@@ -293,14 +294,14 @@ def _decode_array(code: int, payload: bytes, frames: list) -> Any:
 def _to_tensor(dtype: str, shape: list, buf: Any) -> Any:
     import warnings
 
-    import torch
-
     wire = "int16" if dtype == "bfloat16" else dtype
     dt = _np_dtype(wire)
     count = math.prod(shape)
     if len(buf) != count * dt.itemsize:
         raise DecodeError(f"tensor of dtype {dtype} and shape {shape} needs "
                           f"{count * dt.itemsize} bytes, got {len(buf)}")
+    import torch  # only for a well-formed tensor: a bad payload must not pull torch in
+
     arr = np.frombuffer(buf, dtype=dt, count=count)
     with warnings.catch_warnings():  # read-only view by design: see the module docstring
         warnings.simplefilter("ignore", UserWarning)

@@ -34,13 +34,25 @@ class Liveness:
 
     def beat(self, name: str, info: dict[str, Any], now: float | None = None) -> Peer:
         now = time.monotonic() if now is None else now
-        interval = float(info.get("interval_s") or 1.0)
+        try:
+            interval = float(info.get("interval_s") or 1.0)
+        except (TypeError, ValueError):
+            interval = 1.0
+        interval = interval if interval > 0 else 1.0
         peer = self.peers.get(name)
         if peer is None:
             peer = self.peers[name] = Peer(name, info, now, interval, first_seen=now)
         peer.info, peer.last_seen, peer.interval_s = info, now, interval
         peer.beats += 1
         return peer
+
+    def missed(self, name: str, now: float | None = None) -> int:
+        """Whole heartbeat intervals since `name` last beat (0 while it beats on time); a
+        node is dead once this reaches `liveness`. Unknown names count as `liveness`."""
+        peer = self.peers.get(name)
+        if peer is None:
+            return self.liveness
+        return int(peer.age(now) / peer.interval_s) if peer.interval_s > 0 else 0
 
     def is_alive(self, name: str, now: float | None = None) -> bool:
         peer = self.peers.get(name)

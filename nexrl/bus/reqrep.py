@@ -9,8 +9,12 @@
     <--[type=<request>.reply | error, reply_to=m]--
 
 Replies to earlier attempts or other requests are discarded (counted). An `error` reply raises
-`RemoteError` with the server's code and message. A `Client` is thread-safe (one request at a
-time); `send`/`recv_reply` allow pipelining many requests on one socket (credit windows).
+`RemoteError` with the server's code and message. A `Client` is thread-safe for `request`
+(one request at a time); `send`/`recv_reply` pipeline many requests on one socket (credit
+windows) and belong to one thread.
+
+Waiting uses the socket's own RCVTIMEO instead of a zmq.Poller per call: on the hot path a
+reply costs one blocking recv (the GIL is released while waiting), nothing else.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import zmq
 
 from . import codec, schema
 from .codec import Message
-from .sockets import CurveConfig, make_socket, recv_frames, send_frames
+from .sockets import NOBLOCK, CurveConfig, make_socket, recv_frames, send_frames
 
 
 class RequestTimeout(TimeoutError):
@@ -40,7 +44,11 @@ class RemoteError(RuntimeError):
 
 
 class Client:
-    """A DEALER connected to one node's ROUTER (`endpoint`); `service` names it in errors."""
+    """A DEALER connected to one node's ROUTER (`endpoint`); `service` names it in errors.
+
+    timeout: seconds each attempt waits for its reply; retries: resends of the same msg_id
+    after a timeout; max_bytes: largest reply accepted (None: no limit).
+    """
 
     def __init__(self, ctx: zmq.Context, endpoint: str, *, sender: str, service: str = "",
                  timeout: float = 10.0, retries: int = 2, hwm: int = 10_000,
@@ -53,34 +61,64 @@ class Client:
                                  linger_ms=linger_ms, curve=curve)
         self._lock = threading.Lock()
         self._seq = 0
-        self.discarded = 0  # replies that matched no outstanding request
+        self._rcvtimeo = -2          # the RCVTIMEO now set on the socket (ms); -2: unknown
+        self.discarded = 0           # replies that matched no outstanding request
+        self.owner = threading.current_thread()   # the thread that made it (see Node._shutdown)
+        self.oob_threshold = codec.OOB_THRESHOLD
 
     # -- pipelined primitives --------------------------------------------------------------
 
     def send(self, mtype: str, body: dict[str, Any], *, timeout: float | None = None,
              msg_id: str | None = None) -> tuple[str, list]:
-        """Send one request without waiting for the reply; returns (msg_id, frames to resend)."""
+        """Send one request without waiting for the reply; returns (msg_id, frames to resend).
+
+        Raises SchemaError (nothing sent) for an undeclared type/field, RequestTimeout when
+        the message cannot be queued within `timeout` (no connection, or the queue is full).
+        """
         spec = schema.check_outgoing(mtype, body)
         if spec.kind != "request":
             raise schema.SchemaError("invalid_body", f"{mtype} is a {spec.kind}, not a request")
         self._seq += 1
         msg = codec.stamp(Message(mtype, body, msg_id=msg_id or ""), self.sender, self._seq)
-        frames = codec.encode(msg)
+        frames = codec.encode(msg, self.oob_threshold)
         self._send_frames(frames, mtype, self.timeout if timeout is None else timeout)
         return msg.msg_id, frames
 
+    def resend(self, frames: list, mtype: str, timeout: float | None = None) -> None:
+        """Send the frames of an earlier `send` again (a retry: same msg_id, deduplicated)."""
+        self._send_frames(frames, mtype, self.timeout if timeout is None else timeout)
+
     def _send_frames(self, frames: list, mtype: str, timeout: float) -> None:
-        if not self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
+        try:
+            send_frames(self._sock, frames, NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        # Not connected yet (IMMEDIATE) or the queue is full: wait for room, bounded.
+        if not self._sock.poll(max(0, int(timeout * 1000)), zmq.POLLOUT):
             raise RequestTimeout(f"{self.sender}: cannot send {mtype} to {self.service} at "
-                                 f"{self.endpoint}: no connection within {timeout:.1f}s "
-                                 f"(is the node running?)")
+                                 f"{self.endpoint}: no connection (or a full queue) within "
+                                 f"{timeout:.1f}s (is the node running?)")
         send_frames(self._sock, frames)
 
     def recv_reply(self, timeout: float) -> Message | None:
-        """The next reply (any request), or None after `timeout` seconds."""
-        if not self._sock.poll(int(timeout * 1000), zmq.POLLIN):
+        """The next reply (any request), or None after `timeout` seconds.
+
+        Raises codec.DecodeError (naming the service) for a reply that is not a valid message.
+        """
+        ms = max(0, int(timeout * 1000 + 0.999))
+        if ms != self._rcvtimeo:
+            self._sock.rcvtimeo = ms
+            self._rcvtimeo = ms
+        try:
+            frames = recv_frames(self._sock, 1)
+        except zmq.Again:
             return None
-        return codec.decode(recv_frames(self._sock, 1), self.max_bytes)
+        try:
+            return codec.decode(frames, self.max_bytes)
+        except codec.DecodeError as e:
+            raise codec.DecodeError(f"{self.sender}: bad reply from {self.service} at "
+                                    f"{self.endpoint}: {e}", e.code) from e
 
     # -- one request, one reply ------------------------------------------------------------
 
@@ -116,28 +154,80 @@ class Client:
             raise RequestTimeout(f"{self.sender}: no reply to {mtype} from {self.service} at "
                                  f"{self.endpoint} after {retries + 1} attempt(s) of {timeout:.1f}s")
 
-    def close(self) -> None:
-        self._sock.close()
+    def close(self, linger_ms: int | None = None) -> None:
+        self._sock.close(linger_ms)
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.closed
+
+
+def frames_nbytes(frames: list) -> int:
+    """Bytes held by a message's frames (header bytes + out-of-band buffers)."""
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
 
 
 class ReplyCache:
     """Server-side dedupe: remembers the last `size` requests by (sender, msg_id).
 
     A key maps to PENDING while its handler has not replied, then to the reply frames, which
-    are re-sent if the same request arrives again (a client retry). Bounded: oldest first out.
+    are re-sent byte for byte if the same request arrives again (a client retry). Memory is
+    bounded twice: at most `size` keys (oldest forgotten first) and at most `max_bytes` of
+    reply frames (oldest replies first); a reply pushed out by the byte bound leaves an
+    ANSWERED tombstone, so a late retry is refused (error code `timeout`) instead of running
+    the handler a second time. A reply larger than `max_bytes` is never kept.
     """
 
     PENDING = object()
+    ANSWERED = object()
 
-    def __init__(self, size: int = 10_000):
-        self.size = size
+    def __init__(self, size: int = 10_000, max_bytes: int = 64 << 20):
+        self.size, self.max_bytes = size, max_bytes
+        # In first-arrival order (OrderedDict: popping the oldest is O(1); a plain dict's
+        # next(iter()) slows down as deleted slots pile up at its front).
         self._d: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._sized: OrderedDict[tuple[str, str], int] = OrderedDict()  # keys with frames -> bytes
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
 
     def get(self, key: tuple[str, str]) -> Any:
         return self._d.get(key)
 
     def put(self, key: tuple[str, str], value: Any) -> None:
-        self._d[key] = value
-        self._d.move_to_end(key)
-        while len(self._d) > self.size:
-            self._d.popitem(last=False)
+        sized = self._sized
+        if sized:
+            old = sized.pop(key, None)
+            if old is not None:
+                self.nbytes -= old
+        if value is not self.PENDING and value is not self.ANSWERED:
+            n = len(value[0]) if len(value) == 1 else frames_nbytes(value)
+            if n > self.max_bytes:
+                value = self.ANSWERED
+            else:
+                sized[key] = n
+                self.nbytes += n
+                if self.nbytes > self.max_bytes:
+                    self._shed_bytes()
+        d = self._d
+        d[key] = value
+        if len(d) > self.size:
+            self._shed_keys()
+
+    def _shed_bytes(self) -> None:
+        """Turn the oldest replies into tombstones until the frames fit in max_bytes."""
+        sized, d = self._sized, self._d
+        while self.nbytes > self.max_bytes:
+            k, n = sized.popitem(last=False)
+            self.nbytes -= n
+            d[k] = self.ANSWERED
+
+    def _shed_keys(self) -> None:
+        """Forget the oldest keys until at most `size` remain."""
+        d, sized = self._d, self._sized
+        while len(d) > self.size:
+            k, _ = d.popitem(last=False)
+            n = sized.pop(k, None)
+            if n is not None:
+                self.nbytes -= n

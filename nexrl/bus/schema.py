@@ -35,6 +35,12 @@ def _is_array(v: Any) -> bool:
     return type(v).__module__ == "torch" and type(v).__name__ == "Tensor"
 
 
+def _any(v: Any) -> bool:
+    return True
+
+
+_ABSENT = object()
+
 _BASE: dict[str, Checker] = {
     "str": lambda v: isinstance(v, str),
     "int": lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
@@ -42,7 +48,7 @@ _BASE: dict[str, Checker] = {
     "bool": lambda v: isinstance(v, (bool, np.bool_)),
     "bytes": lambda v: isinstance(v, (bytes, bytearray, memoryview)),
     "array": _is_array,
-    "any": lambda v: True,
+    "any": _any,
     "map": lambda v: isinstance(v, dict),
     "list": lambda v: isinstance(v, (list, tuple)),
 }
@@ -114,30 +120,47 @@ def load_schema() -> Schema:
     return parse_schema(json.loads(text))
 
 
+# Hot path: every message sent and received goes through one of the two checks below, so
+# the spec table is looked up in a plain dict (no lru_cache call per message) and fields of
+# type `any` skip the type test.
+_SPECS: dict[str, MessageSpec] | None = None
+
+
+def _spec(mtype: str) -> MessageSpec:
+    global _SPECS
+    specs = _SPECS
+    if specs is None:
+        specs = _SPECS = load_schema().messages
+    spec = specs.get(mtype)
+    if spec is None:
+        raise SchemaError("unknown_type", f"message type {mtype!r} is not in proto/schema.json")
+    return spec
+
+
 def _check_fields(spec: MessageSpec, body: dict[str, Any]) -> None:
     for f in spec.fields:
-        if f.name not in body:
+        v = body.get(f.name, _ABSENT)
+        if v is _ABSENT:
             if f.required:
                 raise SchemaError("invalid_body", f"{spec.type}: required field {f.name!r} is missing")
             continue
-        v = body[f.name]
         if v is None:
             if not f.nullable:
                 raise SchemaError("invalid_body", f"{spec.type}: field {f.name!r} must not be nil")
             continue
-        if not f.check(v):
+        if f.check is not _any and not f.check(v):
             raise SchemaError("invalid_body", f"{spec.type}: field {f.name!r} must be {f.type}, "
                                               f"got {type(v).__name__}")
 
 
 def check_outgoing(mtype: str, body: dict[str, Any]) -> MessageSpec:
     """Refuse (SchemaError) a message this process is about to send that the schema lacks."""
-    spec = load_schema().spec(mtype)
+    spec = _spec(mtype)
     if not isinstance(body, dict):
         raise SchemaError("invalid_body", f"{mtype}: body must be a dict, got {type(body).__name__}")
-    extra = body.keys() - spec.names
-    if extra:
-        raise SchemaError("invalid_body", f"{mtype}: fields {sorted(extra)} are not declared in "
+    if not spec.names.issuperset(body):
+        extra = sorted(str(k) for k in body.keys() - spec.names)
+        raise SchemaError("invalid_body", f"{mtype}: fields {extra} are not declared in "
                                           f"proto/schema.json (declare them there first)")
     _check_fields(spec, body)
     return spec
@@ -145,6 +168,6 @@ def check_outgoing(mtype: str, body: dict[str, Any]) -> MessageSpec:
 
 def check_incoming(mtype: str, body: dict[str, Any]) -> MessageSpec:
     """Check a received body; unknown fields are allowed (newer minor versions add fields)."""
-    spec = load_schema().spec(mtype)
+    spec = _spec(mtype)
     _check_fields(spec, body)
     return spec

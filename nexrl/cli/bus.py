@@ -8,6 +8,7 @@
 
 Addresses: --placement FILE (the job's placement), or --pub/--sub, or the environment
 variables NEXRL_EVENTS_PUB / NEXRL_EVENTS_SUB; defaults are the placement defaults.
+CURVE: --curve-keys DIR (or NEXRL_CURVE_KEYS) when the job runs with CURVE on.
 """
 
 from __future__ import annotations
@@ -34,7 +35,22 @@ def _bus_from_args(args: argparse.Namespace) -> BusConfig:
         bus = bus_config_from_placement(args.placement)
     bus.events_pub = args.pub or os.environ.get("NEXRL_EVENTS_PUB") or bus.events_pub
     bus.events_sub = args.sub or os.environ.get("NEXRL_EVENTS_SUB") or bus.events_sub
+    _curve_from_args(args, bus)
     return bus
+
+
+def _curve_from_args(args: argparse.Namespace, bus: BusConfig) -> None:
+    keys = getattr(args, "curve_keys", None) or os.environ.get("NEXRL_CURVE_KEYS")
+    if keys:
+        bus.curve.enabled, bus.curve.keys_dir = True, keys
+    bus.curve.check()
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends a tool like Ctrl-C does (clean exit, sockets closed)."""
+    def raise_interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 def _short(v: Any) -> Any:
@@ -56,6 +72,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     from ..bus.events import Subscriber
 
     bus = _bus_from_args(args)
+    _stop_on_sigterm()
     ctx = zmq.Context()
     sub = Subscriber(ctx, bus.events_sub, tuple(args.topics) or ("",), curve=bus.curve)
     deadline = time.monotonic() + args.duration if args.duration else None
@@ -79,6 +96,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
     finally:
         if sub.gaps:
             print(f"# {sub.gaps} event(s) missed (sequence gaps)", file=sys.stderr)
+        if sub.malformed:
+            print(f"# {sub.malformed} malformed event(s) ignored; last: {sub.last_error}",
+                  file=sys.stderr)
         sub.close()
         ctx.destroy(0)
     return 0
@@ -139,9 +159,11 @@ def cmd_call(args: argparse.Namespace) -> int:
             print(f"nexrl-bus call: field {kv!r} must look like key=value", file=sys.stderr)
             return 2
         body[k] = _parse_value(v)
+    bus = BusConfig()
+    _curve_from_args(args, bus)
     ctx = zmq.Context()
     client = Client(ctx, args.endpoint, sender=f"nexrl-bus-{os.getpid()}", timeout=args.timeout,
-                    retries=0, linger_ms=0)
+                    retries=0, linger_ms=0, curve=bus.curve)
     try:
         reply = client.request(args.type, body)
         print(json.dumps({"type": reply.type, "sender": reply.sender, "body": _short(reply.body)},
@@ -171,8 +193,15 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     while not done.wait(0.5):
         pass
     proxy.stop()
+    _stop_zap()
     ctx.destroy(0)
     return 0
+
+
+def _stop_zap() -> None:
+    from ..bus.sockets import stop_authenticators
+
+    stop_authenticators()
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -192,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--placement", help="the job's placement YAML")
         p.add_argument("--pub", help="event proxy frontend (XSUB) address")
         p.add_argument("--sub", help="event proxy backend (XPUB) address")
+        curve(p)
+
+    def curve(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--curve-keys", metavar="DIR",
+                       help="CURVE key folder (nexrl-bus keys DIR) when the job uses CURVE")
 
     p = sub.add_parser("echo", help="print live events")
     addr(p)
@@ -208,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("type", help="request type, e.g. ping or node.status")
     p.add_argument("fields", nargs="*", help="body fields as key=value (values parsed as JSON)")
     p.add_argument("--timeout", type=float, default=5.0)
+    curve(p)
     p.set_defaults(fn=cmd_call)
     p = sub.add_parser("proxy", help="run an event proxy")
     addr(p)
@@ -216,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir")
     p.set_defaults(fn=cmd_keys)
     args = ap.parse_args(argv)
-    return args.fn(args)
+    import zmq
+
+    try:
+        return args.fn(args)
+    except (OSError, ValueError, zmq.ZMQError) as e:  # bad address, missing keys, port in use
+        print(f"nexrl-bus {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
