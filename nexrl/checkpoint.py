@@ -190,8 +190,29 @@ def read_trainer_state(path: str) -> dict[str, Any]:
 
 
 def read_data_state(path: str) -> dict[str, Any]:
-    with open(os.path.join(path, DATA_STATE), encoding="utf-8") as fh:
-        return json.load(fh)
+    """The data_state.json of a checkpoint directory (or that file itself), checked."""
+    p = path if not os.path.isdir(path) else os.path.join(path, DATA_STATE)
+    try:
+        with open(p, encoding="utf-8") as fh:
+            state = json.load(fh)
+    except OSError as e:
+        raise FileNotFoundError(f"resume: cannot read {p}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"resume: {p} is not valid JSON: {e}") from e
+    if not isinstance(state, dict) or not isinstance(state.get("consumed", []), list):
+        raise ValueError(f"resume: {p} must hold a JSON object with a 'consumed' list")
+    return state
+
+
+def resolve_resume(resume_from: str, checkpoint_dir: str, run_dir: str) -> str:
+    """The checkpoint directory `resume_from` names: "auto" = the newest complete one under
+    checkpoint_dir (default <run_dir>/checkpoints), "" = a fresh start, else the path itself."""
+    if resume_from != "auto":
+        return resume_from
+    root = checkpoint_dir or (os.path.join(run_dir, "checkpoints") if run_dir else "")
+    if not root:
+        raise ValueError("resume=auto needs node.run_dir or a checkpoint_dir")
+    return latest_checkpoint(root) or ""
 
 
 def load_optimizer(path: str, optimizer: Any, scheduler: Any) -> None:

@@ -46,10 +46,10 @@ import numpy as np
 
 from nexrl.bus.codec import Message
 from nexrl.bus.lease import Lease, LeaseTable
+from nexrl.checkpoint import read_data_state, resolve_resume
 from nexrl.config import NodeConfig
 from nexrl.node import DEFER, Deferred, HandlerError, Node, Request, handles
 
-DATA_STATE_FILE = "data_state.json"
 _SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -190,34 +190,6 @@ def load_rows(paths: list[str], cfg: DataloaderConfig, report) -> list[Row | Non
             src = row.get(cfg.data_source_key)
             out.append(Row(row, row[cfg.prompt_key], src if isinstance(src, str) and src else path.stem))
     return out
-
-
-def resolve_resume(resume_from: str, checkpoint_dir: str, run_dir: str) -> str:
-    """The checkpoint path `resume_from` names ("" for a fresh start); see the config fields."""
-    if resume_from != "auto":
-        return resume_from
-    from nexrl.checkpoint import latest_checkpoint  # torch-free at import
-
-    root = checkpoint_dir or (str(Path(run_dir) / "checkpoints") if run_dir else "")
-    if not root:
-        raise ValueError("resume_from=auto needs node.run_dir or checkpoint_dir")
-    return latest_checkpoint(root) or ""
-
-
-def read_data_state(resume_from: str) -> dict[str, Any]:
-    """The data_state.json of a checkpoint directory (or that file itself)."""
-    p = Path(resume_from)
-    if p.is_dir():
-        p = p / DATA_STATE_FILE
-    try:
-        state = json.loads(p.read_text())
-    except OSError as e:
-        raise FileNotFoundError(f"resume_from: cannot read {p}: {e.strerror}") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"resume_from: {p} is not valid JSON: {e}") from e
-    if not isinstance(state, dict) or not isinstance(state.get("consumed", []), list):
-        raise ValueError(f"resume_from: {p} must hold a JSON object with a 'consumed' list")
-    return state
 
 
 def check_dataloader_state(st: dict[str, Any], where: str) -> None:

@@ -47,7 +47,7 @@ import numpy as np
 from nexrl.bus.reqrep import RemoteError, RequestTimeout
 from nexrl.config import NodeConfig
 from nexrl.node import DEFER, Deferred, HandlerError, Node, Request, handles
-from nexrl.nodes.dataloader import read_data_state, resolve_resume
+from nexrl.checkpoint import read_data_state, resolve_resume
 
 
 @dataclass
