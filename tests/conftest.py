@@ -83,17 +83,22 @@ class NodeProc:
 
 @pytest.fixture
 def spawn_node(bus_proxy: ProxyProc, zmq_ctx: zmq.Context) -> Iterator[Callable[..., NodeProc]]:
-    """Factory: spawn_node(ref, name, *overrides, wait=True) -> NodeProc (killed at teardown)."""
+    """Factory: spawn_node(ref, name, *overrides, until="running") -> NodeProc (killed at
+    teardown, whatever happens)."""
     nodes: list[NodeProc] = []
     procs: list[Proc] = []
 
-    def spawn(ref: str, name: str, *overrides: str, wait: bool = True,
+    def spawn(ref: str, name: str, *overrides: str, until: str = "running",
               env: dict[str, str] | None = None) -> NodeProc:
+        """until: "running" (setup done, main started), "live" (serving requests, setup may
+        still run) or "" (do not wait)."""
         proc = Proc(node_args(ref, name, bus_proxy.pub, bus_proxy.sub, *overrides), name, env)
         procs.append(proc)
         endpoint = ""
-        if wait:
+        if until:
             endpoint = proc.wait_for(r"bus is live; serving requests at (\S+)", 60).group(1)
+        if until == "running":
+            proc.wait_for(r"state \S+ -> running", 60)
         node = NodeProc(proc, name, endpoint, zmq_ctx)
         nodes.append(node)
         return node

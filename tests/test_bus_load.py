@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 
 import psutil
 import pytest

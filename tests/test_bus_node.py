@@ -139,6 +139,10 @@ def test_deferred_requests_are_answered_when_the_node_stops(spawn_node) -> None:
     node = spawn_node(LIFE, "life8")
     waiting = node.client(timeout=10)
     msg_id, _ = waiting.send("lease.request", {"credits": 1})
+    deadline = time.monotonic() + 10
+    while node.status()["stats"]["deferred"] != 1:  # (two connections: no order between them)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     node.client().request("node.drain", {})
     reply = waiting.recv_reply(10)
     assert reply is not None and reply.type == "error" and reply.reply_to == msg_id
@@ -166,3 +170,15 @@ def test_unhandled_request_type_is_refused_but_the_node_goes_on(spawn_node) -> N
         client.request("batch.request", {"num_groups": 1})
     assert e.value.code == "unknown_type" and "not handled here" in e.value.message
     assert client.request("ping", {"payload": [1, 2]}).body["payload"] == [1, 2]
+
+
+def test_serve_when_ready_only_refuses_role_requests_during_setup(spawn_node) -> None:
+    node = spawn_node(helper("life_node.py:StrictLifeNode"), "strict", "life.setup_s=2",
+                      until="live")
+    client = node.client()
+    with pytest.raises(RemoteError) as e:
+        client.request("lease.ack", {"lease_ids": []})
+    assert e.value.code == "not_ready" and "starting" in e.value.message
+    assert client.request("ping", {}).body["state"] == "starting"  # built-ins always answer
+    node.proc.wait_for(r"state \S+ -> running", 10)
+    assert client.request("lease.ack", {"lease_ids": []}).body == {"acked": 0, "unknown": []}

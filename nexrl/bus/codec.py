@@ -326,8 +326,8 @@ def decode(frames: list, max_bytes: int | None = None) -> Message:
     first = frames[0]
     head_buf = first if type(first) is bytes else _frame_buffer(first)
     if max_bytes is not None:
-        total = (len(head_buf) if len(frames) == 1 else
-                 sum(len(_frame_buffer(f)) for f in frames))
+        # bytes, zmq.Frame and 1-D byte memoryviews all have len() == their size in bytes
+        total = len(head_buf) if len(frames) == 1 else sum(map(len, frames))
         if total > max_bytes:
             raise DecodeError(f"message of {total} bytes exceeds the limit of {max_bytes}",
                               "too_large")

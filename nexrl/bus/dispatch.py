@@ -27,6 +27,8 @@ from .reqrep import ReplyCache
 from .sockets import NOBLOCK, recv_frames, send_frames
 
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+#: Requests every node answers in any state (see Node.SERVE_WHEN_READY_ONLY).
+ALWAYS_SERVED = frozenset({"ping", "node.status", "node.drain"})
 #: Codes of messages refused for their form (counted as malformed in `stats`).
 BAD_INPUT_CODES = ("malformed", "bad_version", "too_large", "unknown_type", "invalid_body")
 
@@ -140,6 +142,12 @@ class MessageHandling:
             self._refused(e.code, "malformed_requests")
             self._send_error(peer, msg.msg_id, e.code, str(e), msg.type, msg.sender)
             return
+        if self.SERVE_WHEN_READY_ONLY and msg.type not in ALWAYS_SERVED and \
+                self.state not in ("ready", "running"):
+            self._send_error(peer, msg.msg_id, "not_ready",
+                             f"{self.role} {self.name} is {self.state}; {msg.type} is served "
+                             f"only when ready", msg.type, msg.sender, cache=False)
+            return
         req = Request(msg, peer, spec.reply or f"{msg.type}.reply")
         self.stats["handled"] += 1
         handler = self._bound.get(attr)
@@ -229,7 +237,8 @@ class MessageHandling:
         self._dispatch_finish(req, key, body, mtype)
 
     def _dispatch_finish(self, req: Request, key: tuple[str, str], body: dict[str, Any],
-                mtype: str | None) -> None:
+                         mtype: str | None) -> None:
+        """Encode, cache (for retries) and send the reply to `req`."""
         mtype = mtype or req.reply_type
         try:
             schema.check_outgoing(mtype, body)
@@ -243,6 +252,13 @@ class MessageHandling:
         self._deferred.pop(key, None)
         self._reply_cache.put(key, frames)
         self._route_reply(req.peer, frames)
+
+    def _refuse_deferred(self, req: Request, code: str, message: str) -> None:
+        """An error answer to a deferred request (loop thread; Node.reply_error queues it)."""
+        if (req.msg.sender, req.msg.msg_id) not in self._deferred:
+            self.log.warning("a second answer to %s %s was ignored", req.msg.type, req.msg.msg_id)
+            return
+        self._send_error(req.peer, req.msg.msg_id, code, message, req.msg.type, req.msg.sender)
 
     def _send_error(self, peer: bytes, reply_to: str | None, code: str, message: str,
                     request_type: str | None, sender: str, *, cache: bool = True,

@@ -55,6 +55,8 @@ DEFAULT_LINGER_MS = 1_000
 HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000
 
+#: Head parts (routing id, topic, header) at least this long are kept as zmq.Frame.
+HEAD_COPY_MAX = 8192
 #: Plain-int flags (pyzmq's are enums; arithmetic on those is slow on the hot path).
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
@@ -198,16 +200,18 @@ def send_frames(sock: zmq.Socket, frames: list, flags: int = 0, prefix: list | N
 
 
 def recv_frames(sock: zmq.Socket, n_head: int, flags: int = 0) -> list:
-    """Receive one whole message: the first `n_head` parts as bytes, the rest as zmq.Frame
-    (zero-copy buffers). Returns all parts (possibly fewer than n_head from a bad peer).
+    """Receive one whole message: the first `n_head` parts as bytes (a head part of
+    HEAD_COPY_MAX bytes or more stays a zmq.Frame: copying a big inline header buys
+    nothing), the rest as zmq.Frame (zero-copy buffers). Returns all parts (possibly fewer
+    than n_head from a bad peer).
 
     Parts are received as frames and asked `.more`, which is cheaper than a RCVMORE
-    getsockopt per part; the head parts are then copied out (`.bytes`, small).
+    getsockopt per part.
     """
     recv = sock.recv
     frame = recv(int(flags), copy=False)
     parts: list = [frame.bytes if n_head else frame]
     while frame.more:
         frame = recv(copy=False)
-        parts.append(frame.bytes if len(parts) < n_head else frame)
+        parts.append(frame.bytes if len(parts) < n_head and len(frame) < HEAD_COPY_MAX else frame)
     return parts

@@ -33,6 +33,7 @@ class LeaseNode(Node):
     role = "leaser"
     config_section = "lease"
     Config = LeaseConfig
+    SERVE_WHEN_READY_ONLY = True  # the table is built in setup()
 
     def setup(self) -> None:
         self.table = LeaseTable(self.cfg.lease_timeout_s)

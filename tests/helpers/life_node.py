@@ -7,7 +7,10 @@
     peer           main() pings this peer (a role or node name) in a loop with self.client(),
                    i.e. a client created on the worker thread, until told to stop
     block_s        lease.ack blocks the loop thread this long (heartbeats must go on)
+    setup_s        setup() takes this long
     lease.request  is deferred and never answered (answered `not_ready` at shutdown)
+
+StrictLifeNode is the same with SERVE_WHEN_READY_ONLY (role requests refused until ready).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class LifeConfig:
     peer: str = ""
     #: Seconds lease.ack blocks the loop thread.
     block_s: float = 0.0
+    #: Seconds setup() takes (a model load).
+    setup_s: float = 0.0
 
 
 class LifeNode(Node):
@@ -39,6 +44,7 @@ class LifeNode(Node):
 
     def setup(self) -> None:
         self.pings = 0
+        time.sleep(self.cfg.setup_s)
 
     def main(self) -> None:
         if self.cfg.stuck:
@@ -68,3 +74,9 @@ class LifeNode(Node):
 
     def stats_extra(self) -> dict:
         return {"pings": getattr(self, "pings", 0)}
+
+
+class StrictLifeNode(LifeNode):
+    role = "strictlife"
+    config_section = "life"
+    SERVE_WHEN_READY_ONLY = True

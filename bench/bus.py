@@ -1,0 +1,369 @@
+"""python bench/bus.py [--quick] [--rounds 3] [--json out.json]
+
+Bus benchmark: the same exchanges through raw pyzmq and through the NexRL bus, in one run
+(~1-2 minutes on 2 cores; --quick: a few seconds, a smoke test of the benchmark itself).
+
+Every exchange runs in two separate processes (this one is the client; the server is a
+subprocess), over tcp on loopback, first raw then NexRL, alternating for `--rounds` rounds
+so that noise from other tenants of a shared machine hits both sides alike:
+
+    row          raw pyzmq                                   NexRL bus
+    rtt          DEALER -> ROUTER echo of msgpack-free bytes  Client.request("ping") -> Node ->
+                 as long as the NexRL header (blocking recv)  on_ping -> ping.reply (decode, schema
+                                                              check, dedupe, encode both ways)
+    trajectory   DEALER sends [msgpack(meta), ids, logprobs]  Client.send("trajectory.put") of one
+                 (copy=False), ROUTER wraps the buffers with  trajectory (4,096 int32 ids + 4,096
+                 frombuffer, answers a small msgpack ack;     float32 logprobs + a small dict) ->
+                 pipelined, window 64                         BenchNode handler -> small reply;
+                                                              the same window
+    64mib        the same with one 64 MiB float32 array,      the same (the array goes out-of-band,
+                 window 2                                     zero-copy both ways), window 2
+    traj x8      8 trajectories per message (one metadata     trajectory.put with 8 trajectories
+                 frame + 16 array frames), window 8           (informational: how batching
+                                                              amortises the per-message cost)
+    events       PUB -> EventProxy -> SUB, small events        Publisher -> EventProxy -> Subscriber
+                 (informational: publishers drop when full)   (schema check, seq numbers)
+
+Targets (from the project brief): rtt p50 <= 1.5x raw; trajectory and 64 MiB
+throughput >= 0.8x raw. The event row has no target. Figures go to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from nexrl.node import Node, Request, handles
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+class BenchNode(Node):
+    """The NexRL server side: built-in ping for rtt, trajectory.put answered with a small ack."""
+
+    role = "bench"
+
+    @handles("trajectory.put")
+    def on_put(self, req: Request) -> dict[str, Any]:
+        """trajectory.put{trajectories} -> {accepted, duplicates}; touches every array."""
+        n = 0
+        for t in req.body["trajectories"]:
+            for v in t.values():
+                if isinstance(v, np.ndarray):
+                    n += v.shape[0]
+        return {"accepted": len(req.body["trajectories"]), "duplicates": 0 if n else 1}
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw_server(endpoint: str) -> None:
+    """Raw ROUTER: 2 parts (id, payload) are echoed; more parts are [id, meta, *arrays]:
+    the meta is unpacked, each array wrapped with frombuffer, and a small ack sent back."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.sndhwm = sock.rcvhwm = 10_000
+    sock.bind(endpoint)
+    ack = msgpack.packb({"accepted": 1, "duplicates": 0})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("ready", flush=True)
+    while True:
+        parts = sock.recv_multipart(copy=False)
+        if len(parts) == 2:
+            sock.send_multipart(parts)
+            continue
+        meta = msgpack.unpackb(parts[1].buffer)
+        n = 0
+        for frame, (dtype, shape) in zip(parts[2:], meta["arrays"]):
+            n += np.frombuffer(frame.buffer, dtype=dtype).reshape(shape).shape[0]
+        sock.send_multipart([parts[0], ack])
+
+
+def spawn(args: list[str], wait_for: str, timeout: float = 60.0) -> subprocess.Popen:
+    p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        if wait_for in line:
+            return p
+    p.kill()
+    raise RuntimeError(f"bench: {' '.join(args[:3])} did not print {wait_for!r}")
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def trajectory(n: int, big: bool = False) -> dict[str, Any]:
+    if big:
+        return {"traj_id": "g0/0", "group_id": "g0", "response_logprobs":
+                np.random.default_rng(0).standard_normal(n, dtype=np.float32)}
+    return {"traj_id": "g0/0", "item_id": "train/0", "group_id": "g0", "sample_index": 0,
+            "mode": "train", "weight_version": 3, "reward": 1.0, "finish_reason": "stop",
+            "response_ids": np.arange(n, dtype=np.int32),
+            "response_logprobs": np.linspace(-3, 0, n, dtype=np.float32)}
+
+
+def raw_frames(*trajs: dict[str, Any]) -> list:
+    """[msgpack(metadata of every trajectory + array specs), *array buffers]."""
+    arrays = [v for t in trajs for v in t.values() if isinstance(v, np.ndarray)]
+    meta = {"items": [{k: v for k, v in t.items() if not isinstance(v, np.ndarray)} for t in trajs],
+            "arrays": [(a.dtype.str, list(a.shape)) for a in arrays]}
+    return [msgpack.packb(meta), *arrays]
+
+
+# --------------------------------------------------------------------------- exchanges
+
+
+def rtt_raw(ctx: zmq.Context, ep: str, payload: bytes, n: int) -> list[float]:
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(ep)
+    out = []
+    for i in range(n + 50):
+        t = time.perf_counter()
+        s.send(payload)
+        s.recv()
+        if i >= 50:  # the first ones warm the connection and the caches
+            out.append(time.perf_counter() - t)
+    s.close()
+    return out
+
+
+def rtt_nexrl(client: Any, n: int) -> list[float]:
+    body = {"payload": {"i": 1, "text": "hello"}}
+    out = []
+    for i in range(n + 50):
+        t = time.perf_counter()
+        client.request("ping", body)
+        if i >= 50:
+            out.append(time.perf_counter() - t)
+    return out
+
+
+def pipe_raw(ctx: zmq.Context, ep: str, frames: list, n: int, window: int) -> float:
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(ep)
+    s.send_multipart(frames, copy=False)  # warm up the connection
+    s.recv()
+    t = time.perf_counter()
+    sent = got = 0
+    while got < n:
+        while sent < n and sent - got < window:
+            s.send_multipart(frames, copy=False)
+            sent += 1
+        s.recv()
+        got += 1
+    dt = time.perf_counter() - t
+    s.close()
+    return n / dt
+
+
+def pipe_nexrl(client: Any, body: dict[str, Any], n: int, window: int) -> float:
+    client.request("trajectory.put", body)  # warm up
+    t = time.perf_counter()
+    sent = got = 0
+    while got < n:
+        while sent < n and sent - got < window:
+            client.send("trajectory.put", body)
+            sent += 1
+        reply = client.recv_reply(30.0)
+        if reply is None:
+            raise RuntimeError("bench: no reply within 30 s")
+        got += 1
+    return n / (time.perf_counter() - t)
+
+
+def events_raw(ctx: zmq.Context, pub_ep: str, sub_ep: str, n: int) -> float:
+    from nexrl.bus import codec
+    from nexrl.bus.codec import Message
+
+    header = codec.encode(codec.stamp(Message("metrics", {"step": 1, "kind": "train",
+                                                          "values": {"loss": 0.5}}), "raw", 1))[0]
+    sub = ctx.socket(zmq.SUB)
+    sub.rcvhwm = 100_000
+    sub.linger = 0
+    sub.connect(sub_ep)
+    sub.subscribe(b"metrics")
+    pub = ctx.socket(zmq.PUB)
+    pub.sndhwm = 10_000
+    pub.linger = 0
+    pub.connect(pub_ep)
+    while True:  # handshake: wait until an event comes back
+        pub.send_multipart([b"metrics", header])
+        if sub.poll(100):
+            while sub.poll(50):
+                sub.recv_multipart()
+            break
+    t = time.perf_counter()
+    for _ in range(n):
+        pub.send_multipart([b"metrics", header], zmq.NOBLOCK)
+    got = 0
+    while sub.poll(300):
+        sub.recv_multipart()
+        got += 1
+    dt = time.perf_counter() - t - 0.3
+    pub.close()
+    sub.close()
+    return got / dt
+
+
+def events_nexrl(ctx: zmq.Context, pub_ep: str, sub_ep: str, n: int) -> float:
+    from nexrl.bus.events import Publisher, Subscriber, handshake
+
+    pub = Publisher(ctx, pub_ep, sender="bench", hwm=10_000, linger_ms=0)
+    sub = Subscriber(ctx, sub_ep, ("metrics",))
+    handshake(pub, sub, 10.0)
+    body = {"step": 1, "kind": "train", "values": {"loss": 0.5}}
+    t = time.perf_counter()
+    for _ in range(n):
+        pub.publish("metrics", body)
+    got = 0
+    while sub.recv(0.3) is not None:
+        got += 1
+    dt = time.perf_counter() - t - 0.3
+    pub.close()
+    sub.close()
+    return got / dt
+
+
+# --------------------------------------------------------------------------- main
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small counts")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating raw/NexRL rounds per row")
+    ap.add_argument("--json", help="write the figures here as JSON")
+    ap.add_argument("--raw-server", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.raw_server:
+        raw_server(args.raw_server)
+        return 0
+    q = args.quick
+    n_rtt, n_traj, n_big, n_ev = (500, 2000, 6, 20_000) if q else (4000, 20_000, 40, 200_000)
+    rounds = 1 if q else args.rounds
+
+    from nexrl.bus.reqrep import Client
+
+    p_pub, p_sub, p_node, p_raw = (free_port() for _ in range(4))
+    pub_ep, sub_ep = f"tcp://127.0.0.1:{p_pub}", f"tcp://127.0.0.1:{p_sub}"
+    node_ep, raw_ep = f"tcp://127.0.0.1:{p_node}", f"tcp://127.0.0.1:{p_raw}"
+    procs = []
+    ctx = zmq.Context()
+    try:
+        procs.append(spawn([sys.executable, "-m", "nexrl.cli.bus", "proxy", "--pub", pub_ep,
+                            "--sub", sub_ep], "event proxy:"))
+        procs.append(spawn([sys.executable, __file__, "--raw-server", raw_ep], "ready"))
+        procs.append(spawn([sys.executable, "-m", "nexrl.cli.node", f"{__file__}:BenchNode",
+                            "--name", "bench", "node.start=now", f"node.endpoint={node_ep}",
+                            f"node.bus.events_pub={pub_ep}", f"node.bus.events_sub={sub_ep}"],
+                           "bus is live"))
+        client = Client(ctx, node_ep, sender="bench-client", timeout=30.0, retries=0, linger_ms=0)
+        client.request("ping", {})
+        ping_len = len(client.send("ping", {"payload": {"i": 1, "text": "hello"}})[1][0])
+        client.recv_reply(5.0)
+        payload = os.urandom(ping_len)
+        traj_body = {"trajectories": [trajectory(4096)]}
+        big_body = {"trajectories": [trajectory(16 << 20, big=True)]}
+        res: dict[str, dict[str, Any]] = {}
+
+        raw_l: list[float] = []
+        nex_l: list[float] = []
+        chunk = 500  # alternate raw / NexRL in chunks: both see the same machine state
+        for _ in range(rounds * max(1, n_rtt // chunk)):
+            raw_l += rtt_raw(ctx, raw_ep, payload, chunk)
+            nex_l += rtt_nexrl(client, chunk)
+        res["rtt"] = dict(raw_p50_us=pct(raw_l, .5) * 1e6, raw_p99_us=pct(raw_l, .99) * 1e6,
+                          nexrl_p50_us=pct(nex_l, .5) * 1e6, nexrl_p99_us=pct(nex_l, .99) * 1e6)
+        res["rtt"]["ratio_p50"] = res["rtt"]["nexrl_p50_us"] / res["rtt"]["raw_p50_us"]
+        res["rtt"]["ratio_p99"] = res["rtt"]["nexrl_p99_us"] / res["rtt"]["raw_p99_us"]
+
+        batch_body = {"trajectories": [trajectory(4096) for _ in range(8)]}
+        rows = (("trajectory", traj_body, n_traj, 64), ("64mib", big_body, n_big, 2),
+                ("traj x8", batch_body, n_traj // 8, 8))
+        for row, body, n, window in rows:
+            frames = raw_frames(*body["trajectories"])
+            raw_r, nex_r = [], []
+            for _ in range(rounds):
+                raw_r.append(pipe_raw(ctx, raw_ep, frames, n, window))
+                nex_r.append(pipe_nexrl(client, body, n, window))
+            nbytes = sum(a.nbytes for a in frames[1:])
+            res[row] = dict(raw_msg_s=max(raw_r), nexrl_msg_s=max(nex_r),
+                            raw_mb_s=max(raw_r) * nbytes / 1e6, nexrl_mb_s=max(nex_r) * nbytes / 1e6,
+                            raw_rounds=raw_r, nexrl_rounds=nex_r,
+                            ratio=max(nex_r) / max(raw_r),
+                            ratio_median=statistics.median(nex_r) / statistics.median(raw_r))
+        raw_e, nex_e = [], []
+        for _ in range(rounds):
+            raw_e.append(events_raw(ctx, pub_ep, sub_ep, n_ev))
+            nex_e.append(events_nexrl(ctx, pub_ep, sub_ep, n_ev))
+        res["events"] = dict(raw_ev_s=max(raw_e), nexrl_ev_s=max(nex_e), ratio=max(nex_e) / max(raw_e))
+        client.close()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        ctx.destroy(0)
+
+    r = res["rtt"]
+    load = os.getloadavg()
+    print(f"# machine load average (1/5/15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"rounds: {rounds}")
+    res["loadavg"] = list(load)
+    print(f"{'row':<12} {'raw':>16} {'NexRL':>16} {'ratio':>7}  target")
+    print(f"{'rtt p50':<12} {r['raw_p50_us']:>13.1f} us {r['nexrl_p50_us']:>13.1f} us "
+          f"{r['ratio_p50']:>6.2f}x  <= 1.5x {'ok' if r['ratio_p50'] <= 1.5 else 'MISSED'}")
+    print(f"{'rtt p99':<12} {r['raw_p99_us']:>13.1f} us {r['nexrl_p99_us']:>13.1f} us "
+          f"{r['ratio_p99']:>6.2f}x  (none)")
+    for row in ("trajectory", "64mib", "traj x8"):
+        x = res[row]
+        target = (f">= 0.8x {'ok' if x['ratio'] >= 0.8 else 'MISSED'}" if row != "traj x8"
+                  else "(none)")
+        print(f"{row:<12} {x['raw_msg_s']:>9.0f} msg/s {x['nexrl_msg_s']:>9.0f} msg/s "
+              f"{x['ratio']:>6.2f}x  {target}"
+              f"   ({x['raw_mb_s']:.0f} vs {x['nexrl_mb_s']:.0f} MB/s; median ratio "
+              f"{x['ratio_median']:.2f}x)")
+    e = res["events"]
+    print(f"{'events':<12} {e['raw_ev_s']:>9.0f} ev/s  {e['nexrl_ev_s']:>9.0f} ev/s  "
+          f"{e['ratio']:>6.2f}x  (none)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
