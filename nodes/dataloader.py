@@ -216,6 +216,7 @@ class Dataloader(Node):
 
     role = "dataloader"
     Config = DataloaderConfig
+    SERVE_WHEN_READY_ONLY = True   # handler state is built in setup()
     SUBSCRIBE = ("weights.live",)
 
     def __init__(self, node_cfg: NodeConfig, cfg: DataloaderConfig | None = None):

@@ -139,6 +139,7 @@ class Pool(Node):
 
     role = "pool"
     Config = PoolConfig
+    SERVE_WHEN_READY_ONLY = True   # handler state is built in setup()
 
     def __init__(self, node_cfg: NodeConfig, cfg: PoolConfig | None = None):
         super().__init__(node_cfg, cfg)

@@ -96,6 +96,7 @@ class Validator(Node):
 
     role = "validator"
     Config = ValidatorConfig
+    SERVE_WHEN_READY_ONLY = True   # handler state is built in setup()
 
     def __init__(self, node_cfg: NodeConfig, cfg: ValidatorConfig | None = None):
         super().__init__(node_cfg, cfg)

@@ -142,6 +142,7 @@ class _OpenSync:
 class WeightSync(Node):
     role = "weight_sync"
     Config = WeightSyncConfig
+    SERVE_WHEN_READY_ONLY = True   # handler state is built in setup()
     SUBSCRIBE = ("validation.done",)
 
     def setup(self) -> None:
