@@ -1,39 +1,30 @@
 """Shared fixtures (opt-in, none autouse): a ZMQ context, an event proxy process, and a
 factory of node processes that are always killed (whole process tree, psutil), even when
-the test fails.
+the test fails; plus `bus`, the data-node tests' harness (helpers.data_procs.DataBus).
 
     def test_x(bus_proxy, spawn_node):
         node = spawn_node(helper("echo_node.py:EchoNode"), "echo0")   # waits until serving
         reply = node.client().request("ping", {})
 
 Run the bus tests: python -m pytest tests/test_bus_*.py -q
+
+    def test_y(bus):                              # dataloader / pool / validator / tracker
+        dl = bus.start("dataloader", {...})       # `nexrl-node dataloader`, waits until running
+
+A test module may define its own `bus` fixture (test_proto.py, and test_rollout.py with module
+scope); pytest then uses the module's one there.
 """
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import pytest
 import zmq
 
+from helpers.data_procs import DataBus
 from helpers.procs import Proc, node_args, proxy_args
-
-
-def free_ports(n: int) -> list[int]:
-    """n TCP ports free right now on 127.0.0.1 (prefer binding port 0 where possible)."""
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 @pytest.fixture
@@ -111,3 +102,14 @@ def spawn_node(bus_proxy: ProxyProc, zmq_ctx: zmq.Context) -> Iterator[Callable[
                 c.close(0)
         for proc in procs:
             proc.kill_tree()
+
+
+@pytest.fixture
+def bus(tmp_path) -> Iterator[DataBus]:
+    """An event proxy and the data nodes of one test (helpers.data_procs.DataBus); every
+    process it started is killed at teardown, whatever happens."""
+    b = DataBus(tmp_path)
+    try:
+        yield b
+    finally:
+        b.close()

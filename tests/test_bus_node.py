@@ -18,8 +18,7 @@ import time
 import pytest
 import zmq
 
-from conftest import free_ports
-from helpers.procs import Proc, helper, node_args
+from helpers.procs import Proc, free_ports, helper, node_args
 from helpers.tap import EventTap
 from nexrl.bus.reqrep import RemoteError
 

@@ -61,7 +61,7 @@ def test_a_repeated_msg_id_gets_the_cached_reply_byte_for_byte(spawn_node) -> No
 
 
 def test_timeout_names_the_service_and_takes_the_configured_time(zmq_ctx) -> None:
-    from conftest import free_ports
+    from helpers.procs import free_ports
 
     endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"  # nobody listens here
     client = Client(zmq_ctx, endpoint, sender="t", service="pool", timeout=0.2, retries=1,

@@ -17,15 +17,6 @@ from helpers.data_procs import DataBus, NodeProc, wait_for
 from nexrl.bus.reqrep import RemoteError
 
 
-@pytest.fixture
-def bus(tmp_path):
-    b = DataBus(tmp_path)
-    try:
-        yield b
-    finally:
-        b.close()
-
-
 def write_jsonl(path: Path, rows: list) -> str:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return str(path)

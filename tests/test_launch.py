@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from helpers.procs import free_port, kill_tree
 
 REPO = Path(__file__).resolve().parent.parent
 PLACEMENTS = REPO / "tests" / "placements"
@@ -47,20 +48,6 @@ def _mentioning(text: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return out
-
-
-def _kill_tree(pid: int) -> None:
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=3)
 
 
 class Job:
@@ -140,11 +127,11 @@ class Job:
     def cleanup(self) -> None:
         pids = self.job_pids()
         for p in self.procs:
-            _kill_tree(p.pid)
+            kill_tree(p.pid, wait_s=3.0)
         for pid in pids:
-            _kill_tree(pid)
+            kill_tree(pid, wait_s=3.0)
         for p in _mentioning(str(self.run_dir)):
-            _kill_tree(p.pid)
+            kill_tree(p.pid, wait_s=3.0)
 
 
 @pytest.fixture
@@ -154,12 +141,6 @@ def job(tmp_path: Path):
         yield j
     finally:
         j.cleanup()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -254,8 +235,8 @@ def test_nexrl_node_with_placement_errors(tmp_path: Path) -> None:
     r = _node("tests/helpers/echo_node.py:EchoNode", "--placement", str(PLACEMENTS / "echo.yaml"))
     assert r.returncode == 2 and "placement.resolved.yaml" in r.stderr, r.stderr
     fixed = _write(tmp_path / "fixed.yaml", f"""
-bus: {{events_pub: {_free_port()}, events_sub: {_free_port()}, settings: {{handshake_timeout_s: 1}}}}
-nodes: [{{role: HELPERS/echo_node.py:EchoNode, count: 2, port: {_free_port()}}}]
+bus: {{events_pub: {free_port()}, events_sub: {free_port()}, settings: {{handshake_timeout_s: 1}}}}
+nodes: [{{role: HELPERS/echo_node.py:EchoNode, count: 2, port: {free_port()}}}]
 """)
     r = _node("tests/helpers/echo_node.py:EchoNode", "--placement", str(fixed))
     assert r.returncode == 2 and "several nodes have role" in r.stderr and "--name" in r.stderr
@@ -393,7 +374,7 @@ def test_ssh_path_spawns_remote_and_cleans_up(job: Job, tmp_path: Path) -> None:
     text = text.replace("../helpers/", f"{HELPERS}/").replace(
         "ssh_command: [ssh, -o, BatchMode=yes]",
         f"ssh_command: [{sys.executable}, {HELPERS / 'launch_fake_ssh.py'}, -o, BatchMode=yes]").replace(
-        "port_base: 29600", f"port_base: {_free_port()}").replace(
+        "port_base: 29600", f"port_base: {free_port()}").replace(
         'workdir: ""', f"workdir: {tmp_path}")
     placement = tmp_path / "ssh.yaml"
     placement.write_text(text)

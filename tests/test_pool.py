@@ -12,17 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from helpers.data_procs import DataBus, NodeProc, trajectory
+from helpers.data_procs import NodeProc, trajectory
 from nexrl.bus.reqrep import RemoteError
-
-
-@pytest.fixture
-def bus(tmp_path):
-    b = DataBus(tmp_path)
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def put(pool: NodeProc, trajs: list[dict]) -> dict:

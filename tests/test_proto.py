@@ -25,7 +25,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ import numpy as np
 import pytest
 import zmq
 
+from helpers.procs import free_ports
 from nexrl.bus import codec, schema
 from nexrl.bus.codec import DecodeError, Message
 from nexrl.bus.events import Publisher, Subscriber, topic_of
@@ -405,17 +405,6 @@ needs_node = pytest.mark.skipif(
     NODE is None or not (NODE_DIR / "node_modules" / "zeromq").is_dir()
     or not (NODE_DIR / "node_modules" / "@msgpack" / "msgpack").is_dir(),
     reason="needs `node` and tests/node/node_modules (run `cd tests/node && npm ci`)")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Proc:

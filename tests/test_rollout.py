@@ -14,7 +14,6 @@ pass of the same checkpoint over prompt + response; multi-turn environment ids =
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers.data_procs import DataBus, NodeProc, wait_for
+from helpers.procs import free_port
 from nexrl.evaluators import EvaluationTarget, load_evaluator
 from nexrl.rollout_engines import Sample
 from nexrl.rollout_workflow import Episode, EvaluationRunResult, RolloutContext, to_wire
@@ -62,9 +62,7 @@ def bus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(bus, model_path) -> tuple[NodeProc, str]:
-    with socket.socket() as s:  # a free port for the engine's HTTP server
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    url = f"http://127.0.0.1:{free_port()}"  # a fixed free port for the engine's HTTP server
     node = bus.start("inference", {"model_path": model_path, "num_threads": 1},
                      name="inference-0", node={"http_url": url}, wait_s=120)
     assert post(url, "/health", method="GET") == ""

@@ -15,22 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers.data_procs import DataBus
-
 REPO = Path(__file__).resolve().parents[1]
 
 TRAIN_KEYS = ("train/reward_mean", "train/reward_std", "train/kl", "train/clip_frac",
               "train/response_len_mean", "timing/generate_s", "timing/wait_s", "timing/train_s",
               "timing/weight_sync_s", "throughput/tokens_per_s", "train/staleness_max")
-
-
-@pytest.fixture
-def bus(tmp_path):
-    b = DataBus(tmp_path)
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -11,17 +11,8 @@ import statistics
 
 import pytest
 
-from helpers.data_procs import DataBus, NodeProc, trajectory, wait_for
+from helpers.data_procs import NodeProc, trajectory, wait_for
 from nexrl.bus.reqrep import RemoteError
-
-
-@pytest.fixture
-def bus(tmp_path):
-    b = DataBus(tmp_path)
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def put(node: NodeProc, trajs: list[dict]) -> dict:

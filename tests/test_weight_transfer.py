@@ -22,10 +22,10 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
+from helpers.procs import kill_tree
 from nexrl.engine_client import EngineClient, EngineError
 from nexrl.tiny import build_tiny_model
 from nexrl.weight_transfer import (FLATTENED_BUCKET, SenderConfig, TensorMeta, WeightSender,
@@ -64,17 +64,6 @@ sender.push(stalling(), "never-applied")
 
 
 # ----------------------------------------------------------------------------- helpers
-def _kill_tree(proc: subprocess.Popen) -> None:
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    for p in kids:
-        p.kill()
-    proc.kill()
-    proc.wait(timeout=10)
-
-
 def _wait_for_line(log: Path, proc: subprocess.Popen, prefix: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -136,7 +125,7 @@ def engines(tmp_path_factory):
         for c in clients:
             c.close()
         for p in procs:
-            _kill_tree(p)
+            kill_tree(p, wait_s=10.0)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -258,7 +247,7 @@ def test_trainer_dies_mid_update_engines_keep_old_weights(engines):
         th.join(timeout + 5)
         assert "error" in box and box["at"] - killed_at < timeout + 2.0, box
     finally:
-        _kill_tree(proc)
+        kill_tree(proc, wait_s=10.0)
     for c, (ids, lps, _), v in zip(clients, before, versions):
         assert c.get_weight_version() == v  # staged buckets were never applied
         ids2, lps2, v2 = _greedy_engine(c)

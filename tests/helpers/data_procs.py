@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -21,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
 import zmq
 
+from helpers.procs import kill_tree
 from nexrl.bus.events import Publisher, Subscriber, handshake
 from nexrl.bus.reqrep import Client
 
@@ -38,31 +37,6 @@ def role_ref(role: str) -> str:
     from nexrl.nodes import ROLES
 
     return role if role in ROLES else ROLE_CLASSES[role]
-
-
-def kill_tree(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
-    """SIGTERM the process (and its children), SIGKILL what is left after grace_s."""
-    try:
-        parent = psutil.Process(proc.pid)
-        procs = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 @dataclass
@@ -167,7 +141,7 @@ class DataBus:
         for c in self._closers:
             c.close()
         for p in reversed(self.procs):
-            kill_tree(p)
+            kill_tree(p, grace_s=3.0, wait_s=3.0)  # SIGTERM first: nodes drain
         if getattr(self, "proxy", None) is not None and self.proxy.stdout:
             self.proxy.stdout.close()
         self.ctx.destroy(0)

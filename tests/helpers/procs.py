@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -86,24 +87,78 @@ class Proc:
 
     def kill_tree(self) -> None:
         """SIGKILL the process and all its descendants; safe to call twice."""
-        try:
-            parent = psutil.Process(self.p.pid)
-            procs = [parent, *parent.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=5)
-        try:
-            self.p.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_tree(self.p, wait_s=5.0)
         if self.p.stdout is not None:
             self._reader.join(2.0)
             self.p.stdout.close()
+
+
+def kill_tree(proc: subprocess.Popen | int, grace_s: float = 0.0, wait_s: float = 5.0) -> None:
+    """End `proc` (a Popen, or a bare pid) and every descendant it has now; safe to call twice.
+
+    grace_s > 0: SIGTERM first so nodes can drain, then SIGKILL whatever is alive after grace_s;
+    grace_s == 0: SIGKILL at once. wait_s bounds each wait for the processes to go.
+    Descendants are listed before anything is signalled (once the root dies they are
+    re-parented and could no longer be found). A Popen root is signalled and reaped through
+    Popen, which keeps its exit status (psutil would reap it behind Popen's back); a Popen
+    root still running wait_s after SIGKILL raises RuntimeError, so a leak is never silent.
+    """
+    popen = proc if isinstance(proc, subprocess.Popen) else None
+    pid = popen.pid if popen is not None else int(proc)
+    try:
+        root = psutil.Process(pid)
+        kids = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        root, kids = None, []
+    others = kids if popen is not None or root is None else [root, *kids]
+
+    def send(sig: int, procs: list[psutil.Process]) -> None:
+        if popen is not None and popen.poll() is None:
+            popen.send_signal(sig)
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+    if grace_s > 0:
+        send(signal.SIGTERM, others)
+        _, others = psutil.wait_procs(others, timeout=grace_s)
+        if popen is not None:
+            try:
+                popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass  # still running: SIGKILL below
+    send(signal.SIGKILL, others)
+    psutil.wait_procs(others, timeout=wait_s)
+    if popen is not None:
+        try:
+            popen.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"kill_tree: pid {pid} still running {wait_s}s after SIGKILL") from None
+
+
+def free_ports(n: int) -> list[int]:
+    """n TCP ports free right now on 127.0.0.1, all distinct (they are held open together
+    while picked). Another process may take one before the caller binds it, so prefer
+    binding port 0 where the component allows it; this is for addresses that must be fixed
+    up front (a peer's endpoint, an engine's HTTP URL)."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def free_port() -> int:
+    """One TCP port free right now on 127.0.0.1 (see free_ports)."""
+    return free_ports(1)[0]
 
 
 def proxy_args(pub: str = "tcp://127.0.0.1:0", sub: str = "tcp://127.0.0.1:0",

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,19 +22,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import psutil
 import zmq
 
+from helpers.procs import free_port, kill_tree
 from nexrl.bus.codec import Message
 from nexrl.bus.events import EventProxy, Subscriber
 from nexrl.bus.reqrep import Client, RequestTimeout
 from nexrl.engine_client import EngineClient
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Bus:
@@ -154,17 +147,7 @@ class Cluster:
         proc = self.procs.pop(name, None)
         if proc is None:
             return
-        try:
-            kids = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            kids = []
-        for k in kids:
-            try:
-                k.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.kill()
-        proc.wait(10)
+        kill_tree(proc, wait_s=10.0)
 
     def close(self) -> None:
         for name in list(self.procs):
