@@ -46,6 +46,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -519,7 +520,9 @@ class Node(MessageHandling):
                      event_gaps=sub.gaps if sub else 0,
                      reply_cache_entries=len(self._reply_cache),
                      reply_cache_bytes=self._reply_cache.nbytes,
-                     deferred=len(self._deferred))
+                     deferred=len(self._deferred),
+                     # roles that do not need torch must not import it: visible here
+                     torch_imported="torch" in sys.modules)
         stats.update(self.stats_extra())
         return dict(role=self.role, name=self.name, host=socket.gethostname(), pid=os.getpid(),
                     state=self.state, uptime_s=time.time() - self.started_at, stats=stats)

@@ -90,6 +90,8 @@ def test_zero_variance_groups_are_refunded_to_the_dataloader(bus, tmp_path):
     assert dl.status()["dataloader/refunded"] == 1
     assert wait_until(lambda: pool.status()["refunds_sent"] == 1)
     assert pool.status()["groups_filtered"] == 1
+    # neither role needs torch, so neither imports it
+    assert dl.status()["torch_imported"] is False and pool.status()["torch_imported"] is False
     assert put(pool, group(g0, [0.0, 1.0]))["duplicates"] == 2   # a filtered group stays closed
     put(pool, group(g2, [0.0, 0.5]))
     batch = pool.client.request("batch.request", {"num_groups": 2}).body

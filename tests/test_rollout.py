@@ -245,6 +245,7 @@ def test_train_and_validation_groups_end_to_end(bus, engine, model_path, ref, tm
     assert metrics is not None and metrics.body["values"]["rollout/groups"] >= 1
     assert metrics.body["values"]["rollout/tokens_per_s"] > 0
     rstats = nodes["rollout"].status()
+    assert rstats["torch_imported"] is False        # a rollout worker never needs torch
     assert rstats["groups"] == 5 and rstats["trajectories"] == 16 and rstats["failed_items"] == 0
 
 

@@ -64,6 +64,7 @@ def test_tracker_writes_curves_summary_and_plot(bus, tmp_path):
         time.sleep(0.1)
     assert deadline_stats["steps_seen"] == 3 and deadline_stats["validations"] == 2
     assert deadline_stats["quiescent"] is False          # rollout-0 reported 2 in flight
+    assert deadline_stats["torch_imported"] is False     # the tracker never needs torch
 
     tracker.proc.send_signal(signal.SIGTERM)
     assert tracker.proc.wait(timeout=30) == 0
