@@ -149,7 +149,8 @@ class TrainerRuntime:
         return WeightSender(SenderConfig(
             engine_urls=self.engine_urls, master_address=cfg.master_address,
             master_port=cfg.master_port, backend=backend, bucket_bytes=cfg.bucket_bytes,
-            timeout_s=cfg.transfer_timeout_s, pipelined=cfg.pipelined))
+            timeout_s=cfg.transfer_timeout_s, pipelined=cfg.pipelined,
+            engine_tp=list(cfg.engine_tp) or None))
 
     def connect_engines(self, node: Any) -> bool:
         """Wait for every engine's /health (bounded), then join the weight group; False if

@@ -162,6 +162,9 @@ class TrainerConfig:
     sync_backend: str = "auto"
     #: Two buckets in flight (embedded engines only; false for sglang).
     pipelined: bool = True
+    #: Weight-group ranks of each engine, in engine order (an sglang engine with --tp-size k
+    #: has k); [] = one rank each (the embedded engine).
+    engine_tp: list[int] = field(default_factory=list)
     #: Deadline of each collective / engine reply during a push, seconds.
     transfer_timeout_s: float = 120.0
     #: Seconds to wait for weight_sync's replies to weights.ready / weights.pushed.
