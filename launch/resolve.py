@@ -130,7 +130,11 @@ def load_recipe(p: Placement, recipe_paths: list[str], overrides: list[str],
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "")
         where = f"recipe {', '.join(paths) or '(none)'}" + (f": key {key!r}" if key else "")
-        raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from e
+        hint = ""
+        if not run_dir and "'run_dir'" in str(e):
+            hint = (" (${run_dir} is known once nexrl-launch has made the run directory: join a "
+                    "running job with <run_dir>/placement.resolved.yaml)")
+        raise ConfigError(f"{where}: {str(e).splitlines()[0]}{hint}") from e
     if not isinstance(out, dict):
         raise ConfigError(f"recipe {', '.join(paths)} must be a mapping of sections")
     return out
