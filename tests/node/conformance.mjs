@@ -379,6 +379,9 @@ async function runServe({ endpoint, pub: pubEp, sub: subEp, name }) {
     await reply(peer, out);
     if (drain && state === "running") {
       await setState("draining", msg.body.reason);
+      // Leaving the loop closes the socket: give the I/O thread a moment to put the reply on
+      // the wire first (a reply only queued can be lost with the socket, even with linger).
+      await new Promise((resolve) => setTimeout(resolve, 200));
       break;
     }
   }
