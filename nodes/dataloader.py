@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,7 +225,6 @@ class Dataloader(Node):
         self._loaded = False
         self.table = LeaseTable(cfg.lease_timeout_s if cfg else 600.0)
         self._waiting: list[_Waiter] = []
-        self._expired: OrderedDict[str, str] = OrderedDict()   # lease_id -> item_id
         self._expiry_at: float | None = None
         self.live_version = 0
         self.admitted = 0
@@ -440,9 +439,6 @@ class Dataloader(Node):
         self._expiry_at = None
         for lease in self.table.expire():
             self.counts["expired"] += 1
-            self._expired[lease.lease_id] = lease.item_id
-            if len(self._expired) > 100_000:
-                self._expired.popitem(last=False)
             self.log.warning("lease %s of %s (worker %s) expired after %.1fs unacknowledged; "
                              "leasing it again", lease.lease_id, lease.item_id, lease.worker,
                              self.cfg.lease_timeout_s)
@@ -480,17 +476,13 @@ class Dataloader(Node):
         """
         acked, unknown = 0, []
         for lid in req.body["lease_ids"]:
-            if self.table.ack(lid) is not None:
-                acked += 1
-                continue
-            item_id = self._expired.pop(lid, None)
-            queued = [r for r in self.table.retry if r[0] == item_id] if item_id else []
-            if queued:
-                self.table.retry.remove(queued[0])
-                self.counts["late_acks"] += 1
-                acked += 1
-            else:
+            outcome = self.table.settle(lid)
+            if outcome == "unknown":
                 unknown.append(lid)
+                continue
+            acked += 1
+            if outcome == "late":
+                self.counts["late_acks"] += 1
         self.counts["acked"] += acked
         if self._exhausted():
             self._serve_waiting()
