@@ -34,7 +34,6 @@ Metrics: `metrics{kind: "rollout"}` every `metrics_every_groups` groups or
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import random
 import time
@@ -174,9 +173,6 @@ class Rollout(Node):
         from nexrl.rollout_workflow import RolloutWorkflow, SingleTurnWorkflow
 
         cfg: RolloutConfig = self.cfg
-        if self.log.getEffectiveLevel() > logging.DEBUG:  # one INFO line per HTTP request is noise
-            for name in ("httpx", "httpx2", "openai"):
-                logging.getLogger(name).setLevel(logging.WARNING)
         tok_path = cfg.tokenizer_path or cfg.model_path
         if not os.path.exists(os.path.join(tok_path, "tokenizer.json")):
             raise FileNotFoundError(f"rollout: no tokenizer.json in {tok_path} (a fast tokenizer "

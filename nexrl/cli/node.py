@@ -58,8 +58,11 @@ def build_configs(cls: type, node_layers: list[Any], role_layers: list[Any],
 def setup_logging(level: str, name: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
-    # httpx logs every request at INFO (one line per weight bucket, per drain poll): too chatty
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # HTTP clients log every request at INFO (one line per weight bucket, per drain poll, per
+    # rollout sample): too chatty unless the node itself runs at DEBUG
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for noisy in ("httpx", "openai"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def set_title(role: str, name: str) -> None:
