@@ -126,7 +126,10 @@ class Watchdog:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-        self.child.wait()
+        try:
+            self.child.wait(timeout=30)  # after SIGKILL: only a process stuck in the kernel stays
+        except subprocess.TimeoutExpired:
+            pass
         psutil.wait_procs(rest, timeout=3)
 
     def control(self, buf: bytes) -> bytes:

@@ -117,7 +117,10 @@ class Proc:
                 except psutil.NoSuchProcess:
                     pass
             psutil.wait_procs(rest, timeout=3)
-        self.popen.wait()
+        try:
+            self.popen.wait(timeout=30)  # after SIGKILL: only a process stuck in the kernel stays
+        except subprocess.TimeoutExpired:
+            pass
         self.close()
 
     def close(self) -> None:
