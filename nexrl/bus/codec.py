@@ -96,10 +96,16 @@ def reset_id_prefix() -> None:
 # --------------------------------------------------------------------------- encoding
 
 
+_TENSOR_TYPE: type | None = None
+
+
 def _torch_tensor_type() -> type | None:
-    torch = sys.modules.get("torch")
-    # getattr: another thread may be half-way through `import torch` right now
-    return getattr(torch, "Tensor", None) if torch is not None else None
+    global _TENSOR_TYPE
+    if _TENSOR_TYPE is None:  # torch not seen yet: look again (it may be imported since)
+        torch = sys.modules.get("torch")
+        # getattr: another thread may be half-way through `import torch` right now
+        _TENSOR_TYPE = getattr(torch, "Tensor", None) if torch is not None else None
+    return _TENSOR_TYPE
 
 
 def _array_payload(dtype: str, shape: tuple[int, ...], buf: memoryview, nbytes: int,
@@ -114,7 +120,12 @@ def _array_payload(dtype: str, shape: tuple[int, ...], buf: memoryview, nbytes: 
 
 #: dtype -> wire name, for dtypes seen before (numpy's dtype.name is a slow property).
 _DTYPE_NAMES: dict[np.dtype, str] = {}
+#: dtype -> the first bytes of its ext payload (msgpack array of 3 + the dtype name), for
+#: dtypes whose bytes travel as they are (little-endian or single-byte) and which a
+#: memoryview can cast to bytes: the fast path of `_encode_ndarray`.
+_FAST_HEADS: dict[np.dtype, bytes] = {}
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+_new_ext = tuple.__new__  # msgpack.ExtType(...) re-validates its two fields in Python
 
 
 def _wire_name(dt: np.dtype) -> str:
@@ -125,10 +136,42 @@ def _wire_name(dt: np.dtype) -> str:
             raise EncodeError(f"numpy dtype {dt!r} cannot travel on the wire; "
                               f"allowed: {', '.join(WIRE_DTYPES)}")
         _DTYPE_NAMES[dt] = name
+        order = dt.byteorder
+        if order in "<|" or (order == "=" and _LITTLE_ENDIAN_HOST):
+            try:
+                np.zeros(1, dt).data.cast("B")
+                _FAST_HEADS[dt] = b"\x93" + msgpack.packb(name)
+            except (TypeError, ValueError, NotImplementedError):
+                pass  # e.g. a dtype without a buffer format: the general path
     return name
 
 
+def _bin_header(n: int) -> bytes:
+    """msgpack's own bin header for n bytes (bin 8 / 16 / 32), as Packer writes it."""
+    if n < 0x100:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
 def _encode_ndarray(arr: np.ndarray, oob: list, oob_threshold: int) -> msgpack.ExtType:
+    head = _FAST_HEADS.get(arr.dtype)
+    if head is not None:
+        view = arr.data
+        n = view.nbytes
+        if n and view.c_contiguous:
+            # Fast path (the common case): the payload is assembled from its parts, with
+            # the array's bytes copied once (inline) or not at all (out-of-band); the same
+            # bytes as packing [dtype, shape, data] with msgpack.
+            buf = view.cast("B")
+            inner = _ENCODER.inner
+            if n >= oob_threshold:
+                oob.append(buf)
+                payload = head + inner.pack(arr.shape) + inner.pack(len(oob) - 1)
+            else:
+                payload = b"".join((head, inner.pack(arr.shape), _bin_header(n), buf))
+            return _new_ext(msgpack.ExtType, (EXT_NDARRAY, payload))
     dt = arr.dtype
     dtype = _wire_name(dt)
     order = dt.byteorder  # the wire is little-endian, whatever the host
@@ -171,6 +214,10 @@ class _Encoder(threading.local):
         self.cur: tuple | None = None
         self.packer = msgpack.Packer(default=self.default, use_bin_type=True, autoreset=True)
         self.inner = msgpack.Packer(use_bin_type=True, autoreset=True)  # ext payloads
+        self.scratch = self.new_scratch()  # transient headers (encode_fields(transient=True))
+
+    def new_scratch(self) -> msgpack.Packer:
+        return msgpack.Packer(default=self.default, use_bin_type=True, autoreset=False)
 
     def default(self, obj: Any) -> Any:
         oob, oob_threshold, mtype, tensor_type = self.cur
@@ -191,28 +238,56 @@ _ENCODER = _Encoder()
 
 def encode(msg: Message, oob_threshold: int = OOB_THRESHOLD) -> list:
     """Frames for `msg`: [header bytes, *out-of-band buffers (memoryviews)]."""
+    return encode_fields(msg.type, msg.body, msg.sender, msg.msg_id, msg.reply_to, msg.seq,
+                         msg.ts, oob_threshold, msg.version)
+
+
+def encode_fields(mtype: str, body: dict[str, Any], sender: str, msg_id: str,
+                  reply_to: str | None, seq: int, ts: float,
+                  oob_threshold: int = OOB_THRESHOLD, version: str = PROTOCOL_VERSION,
+                  transient: bool = False) -> list:
+    """`encode` from the envelope's fields (the send paths: no Message is built first).
+
+    transient=True: frame 0 is a view of this thread's scratch buffer instead of a bytes
+    object of its own (one copy of the header less), good until the next transient encode on
+    this thread: for a sender that copies it into the socket at once and keeps nothing.
+    """
     enc = _ENCODER
     outer = enc.cur
     oob: list = []
-    enc.cur = (oob, oob_threshold, msg.type, _torch_tensor_type())
-    packer = enc.packer if outer is None else msgpack.Packer(
-        default=enc.default, use_bin_type=True, autoreset=True)
+    enc.cur = (oob, oob_threshold, mtype, _torch_tensor_type())
     header = {
-        "version": msg.version,
-        "type": msg.type,
-        "msg_id": msg.msg_id,
-        "reply_to": msg.reply_to,
-        "sender": msg.sender,
-        "seq": msg.seq,
-        "ts": msg.ts,
-        "body": msg.body,
+        "version": version,
+        "type": mtype,
+        "msg_id": msg_id,
+        "reply_to": reply_to,
+        "sender": sender,
+        "seq": seq,
+        "ts": ts,
+        "body": body,
     }
     try:
-        head = packer.pack(header)  # (a Packer resets itself when this raises)
+        if outer is not None:  # a nested encode (see _Encoder): a Packer of its own
+            head: Any = msgpack.Packer(default=enc.default, use_bin_type=True,
+                                       autoreset=True).pack(header)
+        elif transient:
+            scratch = enc.scratch
+            try:
+                scratch.reset()
+            except BufferError:  # the previous view is still held somewhere: a new buffer
+                scratch = enc.scratch = enc.new_scratch()
+            try:
+                scratch.pack(header)
+            except BaseException:
+                scratch.reset()
+                raise
+            head = scratch.getbuffer()
+        else:
+            head = enc.packer.pack(header)  # (a Packer resets itself when this raises)
     except (TypeError, ValueError, OverflowError) as e:
         if isinstance(e, EncodeError):
             raise
-        raise EncodeError(f"cannot encode {msg.type!r}: {e}") from e
+        raise EncodeError(f"cannot encode {mtype!r}: {e}") from e
     finally:
         enc.cur = outer
     return [head, *oob] if oob else [head]
@@ -258,7 +333,54 @@ def _np_dtype(name: str) -> np.dtype:
     return dt
 
 
+#: The bytes an inline 1-D array's payload starts with (array of 3, fixstr dtype name,
+#: shape = array of 1) -> its numpy dtype, for `_view_1d`.
+_VIEW_PREFIXES: dict[bytes, np.dtype] = {
+    b"\x93" + msgpack.packb(name) + b"\x91": np.dtype(name).newbyteorder("<")
+    for name in WIRE_DTYPES if name != "bfloat16"}
+
+
+def _view_1d(payload: bytes) -> np.ndarray | None:
+    """The common case read straight from the payload's bytes, no copy: an inline 1-D array,
+    i.e. [fixstr dtype, [count], bin data] exactly as Packer writes it. None: anything else
+    (the caller then takes the general path, which does the full checks)."""
+    try:
+        p = payload[1] - 0x9d                # the prefix: 0x93, fixstr header + name, 0x91
+        dt = _VIEW_PREFIXES.get(payload[:p]) if p > 3 else None
+        if dt is None:
+            return None
+        c = payload[p]
+        if c < 0x80:                         # count: positive fixint, uint 16 / 32 / 8
+            count, p = c, p + 1
+        elif c == 0xcd:
+            count, p = (payload[p + 1] << 8) | payload[p + 2], p + 3
+        elif c == 0xce:
+            count, p = int.from_bytes(payload[p + 1:p + 5], "big"), p + 5
+        elif c == 0xcc:
+            count, p = payload[p + 1], p + 2
+        else:
+            return None
+        b = payload[p]
+        if b == 0xc5:                        # data: bin 16 / 32 / 8
+            n, p = (payload[p + 1] << 8) | payload[p + 2], p + 3
+        elif b == 0xc6:
+            n, p = int.from_bytes(payload[p + 1:p + 5], "big"), p + 5
+        elif b == 0xc4:
+            n, p = payload[p + 1], p + 2
+        else:
+            return None
+    except IndexError:
+        return None
+    if n != len(payload) - p or n != count * dt.itemsize:
+        return None
+    return np.frombuffer(payload, dt, count, p)
+
+
 def _decode_array(code: int, payload: bytes, frames: list) -> Any:
+    if code == EXT_NDARRAY:
+        arr = _view_1d(payload)
+        if arr is not None:
+            return arr
     try:
         dtype, shape, data = msgpack.unpackb(payload, raw=False)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
@@ -314,6 +436,15 @@ def _to_tensor(dtype: str, shape: list, buf: Any) -> Any:
         raise DecodeError(f"tensor shape {shape} is not supported: {e}") from e
 
 
+_NO_OOB_FRAMES = [b""]  # stands for a one-frame message: no out-of-band frame to refer to
+
+
+def _ext_hook_one_frame(code: int, payload: bytes) -> Any:
+    if code == EXT_NDARRAY or code == EXT_TENSOR:
+        return _decode_array(code, payload, _NO_OOB_FRAMES)
+    raise DecodeError(f"unknown msgpack ext type {code} (known: 1 ndarray, 2 tensor)")
+
+
 def decode(frames: list, max_bytes: int | None = None) -> Message:
     """Parse frames (bytes or zmq.Frame) into a Message; raises DecodeError saying why not.
 
@@ -332,10 +463,13 @@ def decode(frames: list, max_bytes: int | None = None) -> Message:
             raise DecodeError(f"message of {total} bytes exceeds the limit of {max_bytes}",
                               "too_large")
 
-    def ext_hook(code: int, payload: bytes) -> Any:
-        if code == EXT_NDARRAY or code == EXT_TENSOR:
-            return _decode_array(code, payload, frames)
-        raise DecodeError(f"unknown msgpack ext type {code} (known: 1 ndarray, 2 tensor)")
+    if len(frames) == 1:
+        ext_hook = _ext_hook_one_frame  # the common case: no closure over the frames
+    else:
+        def ext_hook(code: int, payload: bytes) -> Any:
+            if code == EXT_NDARRAY or code == EXT_TENSOR:
+                return _decode_array(code, payload, frames)
+            raise DecodeError(f"unknown msgpack ext type {code} (known: 1 ndarray, 2 tensor)")
 
     try:
         head = msgpack.unpackb(head_buf, raw=False, ext_hook=ext_hook, strict_map_key=True)
