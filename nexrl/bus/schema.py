@@ -41,30 +41,52 @@ def _any(v: Any) -> bool:
 
 _ABSENT = object()
 
+# Each check tries the exact builtin type first: msgpack decodes to exact builtins, and
+# `type(v) is T` is much cheaper than isinstance with a tuple (every message runs these).
+_INTEGER, _NUMBER = (int, np.integer), (int, float, np.integer, np.floating)
+
 _BASE: dict[str, Checker] = {
-    "str": lambda v: isinstance(v, str),
-    "int": lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool),
+    "str": lambda v: type(v) is str or isinstance(v, str),
+    "int": lambda v: type(v) is int or (isinstance(v, _INTEGER) and not isinstance(v, bool)),
+    "float": lambda v: type(v) is float or type(v) is int or (
+        isinstance(v, _NUMBER) and not isinstance(v, bool)),
     "bool": lambda v: isinstance(v, (bool, np.bool_)),
     "bytes": lambda v: isinstance(v, (bytes, bytearray, memoryview)),
     "array": _is_array,
     "any": _any,
-    "map": lambda v: isinstance(v, dict),
-    "list": lambda v: isinstance(v, (list, tuple)),
+    "map": lambda v: type(v) is dict or isinstance(v, dict),
+    "list": lambda v: type(v) is list or isinstance(v, (list, tuple)),
 }
+
+
+def _list_of(inner: Checker) -> Checker:
+    def check(v: Any) -> bool:
+        if type(v) is not list and not isinstance(v, (list, tuple)):
+            return False
+        for x in v:
+            if not inner(x):
+                return False
+        return True
+    return check
+
+
+def _map_of(inner: Checker) -> Checker:
+    def check(v: Any) -> bool:
+        if type(v) is not dict and not isinstance(v, dict):
+            return False
+        for k, x in v.items():
+            if (type(k) is not str and not isinstance(k, str)) or not inner(x):
+                return False
+        return True
+    return check
 
 
 def _checker(type_name: str) -> Checker:
     if type_name in _BASE:
         return _BASE[type_name]
-    for outer, test in (("list[", lambda v: isinstance(v, (list, tuple))),
-                        ("map[", lambda v: isinstance(v, dict))):
+    for outer, wrap in (("list[", _list_of), ("map[", _map_of)):
         if type_name.startswith(outer) and type_name.endswith("]"):
-            inner = _checker(type_name[len(outer):-1])
-            if outer == "list[":
-                return lambda v, t=test, i=inner: t(v) and all(i(x) for x in v)
-            return lambda v, t=test, i=inner: t(v) and all(
-                isinstance(k, str) and i(x) for k, x in v.items())
+            return wrap(_checker(type_name[len(outer):-1]))
     raise ValueError(f"proto/schema.json: unknown field type {type_name!r}")
 
 
