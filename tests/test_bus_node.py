@@ -137,7 +137,7 @@ def test_clients_made_on_the_worker_thread_shut_down_cleanly(spawn_node, tap) ->
 def test_deferred_requests_are_answered_when_the_node_stops(spawn_node) -> None:
     node = spawn_node(LIFE, "life8")
     waiting = node.client(timeout=10)
-    msg_id, _ = waiting.send("lease.request", {"credits": 1})
+    msg_id = waiting.send("lease.request", {"credits": 1})
     deadline = time.monotonic() + 10
     while node.status()["stats"]["deferred"] != 1:  # (two connections: no order between them)
         assert time.monotonic() < deadline

@@ -50,7 +50,7 @@ def test_retry_is_answered_and_the_handler_runs_once(spawn_node, fault: str) -> 
 def test_a_repeated_msg_id_gets_the_cached_reply_byte_for_byte(spawn_node) -> None:
     node = spawn_node(FLAKY, "flaky1")
     client = node.client(timeout=5.0)
-    msg_id, _ = client.send("lease.ack", {"lease_ids": ["a"]})
+    msg_id = client.send("lease.ack", {"lease_ids": ["a"]})
     first = client.recv_reply(5.0)
     client.send("lease.ack", {"lease_ids": ["a"]}, msg_id=msg_id)
     second = client.recv_reply(5.0)
@@ -98,9 +98,11 @@ def test_error_reply_raises_remote_error_with_code(spawn_node, zmq_ctx) -> None:
 
 
 def test_pipelined_requests_are_matched_by_reply_to(spawn_node) -> None:
+    """A burst of requests: the node holds its replies and sends them in batches (see
+    nexrl/bus/dispatch.py); every one arrives, once, in request order."""
     node = spawn_node(FLAKY, "flaky3")
     client = node.client()
-    ids = {client.send("lease.ack", {"lease_ids": [f"x{i}"]})[0]: f"x{i}" for i in range(200)}
+    ids = {client.send("lease.ack", {"lease_ids": [f"x{i}"]}): f"x{i}" for i in range(200)}
     got = {}
     while len(got) < len(ids):
         reply = client.recv_reply(5.0)
@@ -108,6 +110,7 @@ def test_pipelined_requests_are_matched_by_reply_to(spawn_node) -> None:
         assert reply.reply_to in ids and reply.reply_to not in got
         got[reply.reply_to] = reply.body["acked"]
     assert set(got.values()) == {1}
+    assert list(got) == list(ids)
 
 
 def test_a_retry_after_its_reply_left_the_cache_is_refused_not_rerun(spawn_node) -> None:
@@ -115,7 +118,7 @@ def test_a_retry_after_its_reply_left_the_cache_is_refused_not_rerun(spawn_node)
     retry gets `timeout` instead of running the handler a second time."""
     node = spawn_node(helper("flaky_node.py:TinyCacheNode"), "tiny")
     client = node.client(timeout=5.0)
-    msg_id, _ = client.send("lease.ack", {"lease_ids": ["old"]})
+    msg_id = client.send("lease.ack", {"lease_ids": ["old"]})
     assert client.recv_reply(5.0).body["acked"] == 1
     for i in range(30):  # ~30 replies of ~100 B push the first one out of a 1,000 B cache
         client.request("lease.ack", {"lease_ids": [f"n{i}"]})

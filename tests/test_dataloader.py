@@ -118,7 +118,7 @@ def test_admission_sync_mode_and_refunds(bus, tmp_path):
     assert len(step0) == 2                                  # slot 0 only
     assert lease(dl, 10) == ([], False)
     c = bus.client(dl.endpoint)
-    msg_id, _ = c.send("lease.request", {"credits": 10, "wait_s": 8})
+    msg_id = c.send("lease.request", {"credits": 10, "wait_s": 8})
     assert c.recv_reply(0.5) is None                        # held: admission closed
     live(bus, 1)
     reply = c.recv_reply(5)

@@ -36,7 +36,7 @@ def wait_until(fn, timeout: float = 5.0) -> bool:
 def test_grouping_dedupe_long_poll_and_capacity(bus):
     pool = bus.start("pool", {"max_groups": 2})
     trainer = bus.client(pool.endpoint)
-    msg_id, _ = trainer.send("batch.request", {"num_groups": 2, "wait_s": 10})
+    msg_id = trainer.send("batch.request", {"num_groups": 2, "wait_s": 10})
     a, b = "train/e0/10", "train/e0/9"      # b sorts first: item ids compare numerically
     assert put(pool, group(a, [1.0, 0.0], group_size=2) + group(b, [0.5], group_size=2)) == \
         {"accepted": 3, "duplicates": 0}

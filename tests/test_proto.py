@@ -519,7 +519,7 @@ def test_python_client_and_subscriber_use_a_nodejs_node(bus: dict) -> None:
         assert to_notation(back) == to_notation(payload)
         assert isinstance(back["bf16"], torch.Tensor) and back["bf16"].dtype == torch.bfloat16
 
-        msg_id, _ = client.send("ping", {"payload": 1})
+        msg_id = client.send("ping", {"payload": 1})
         first = client.recv_reply(5.0)
         client.send("ping", {"payload": 1}, msg_id=msg_id)  # a retry: the same msg_id
         second = client.recv_reply(5.0)

@@ -31,7 +31,7 @@ import zmq
 
 from . import codec, schema
 from .codec import Message
-from .sockets import CurveConfig, bound_endpoint, make_socket, recv_frames, send_frames
+from .sockets import NOBLOCK, CurveConfig, bound_endpoint, make_socket, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,10 @@ class Publisher:
         with self._lock:
             seq = self._seq.get(topic, 0) + 1
             self._seq[topic] = seq
-            frames = codec.encode(codec.stamp(Message(mtype, body), self.sender, seq))
+            frames = codec.encode_fields(mtype, body, self.sender, codec.new_msg_id(), None, seq,
+                                         time.time(), transient=True)
             try:
-                send_frames(self._sock, frames, zmq.NOBLOCK, prefix=[topic])
+                send_frames(self._sock, frames, NOBLOCK, prefix=[topic], copy_header=True)
             except zmq.Again:
                 self.dropped += 1
                 return False

@@ -69,8 +69,9 @@ class Client:
     # -- pipelined primitives --------------------------------------------------------------
 
     def send(self, mtype: str, body: dict[str, Any], *, timeout: float | None = None,
-             msg_id: str | None = None) -> tuple[str, list]:
-        """Send one request without waiting for the reply; returns (msg_id, frames to resend).
+             msg_id: str | None = None) -> str:
+        """Send one request without waiting for the reply; returns its msg_id (pass it
+        back as `msg_id` to send a retry: the same request, deduplicated by the server).
 
         Raises SchemaError (nothing sent) for an undeclared type/field, RequestTimeout when
         the message cannot be queued within `timeout` (no connection, or the queue is full).
@@ -79,19 +80,13 @@ class Client:
         if spec.kind != "request":
             raise schema.SchemaError("invalid_body", f"{mtype} is a {spec.kind}, not a request")
         self._seq += 1
-        msg = codec.stamp(Message(mtype, body, msg_id=msg_id or ""), self.sender, self._seq)
-        frames = codec.encode(msg, self.oob_threshold)
-        self._send_frames(frames, mtype, self.timeout if timeout is None else timeout)
-        return msg.msg_id, frames
-
-    def resend(self, frames: list, mtype: str, timeout: float | None = None) -> None:
-        """Send the frames of an earlier `send` again (a retry: same msg_id, deduplicated)."""
-        self._send_frames(frames, mtype, self.timeout if timeout is None else timeout)
-
-    def _send_frames(self, frames: list, mtype: str, timeout: float) -> None:
+        msg_id = msg_id or codec.new_msg_id()
+        frames = codec.encode_fields(mtype, body, self.sender, msg_id, None, self._seq,
+                                     time.time(), self.oob_threshold, transient=True)
+        timeout = self.timeout if timeout is None else timeout
         try:
-            send_frames(self._sock, frames, NOBLOCK)
-            return
+            send_frames(self._sock, frames, NOBLOCK, copy_header=True)
+            return msg_id
         except zmq.Again:
             pass
         # Not connected yet (IMMEDIATE) or the queue is full: wait for room, bounded.
@@ -99,7 +94,8 @@ class Client:
             raise RequestTimeout(f"{self.sender}: cannot send {mtype} to {self.service} at "
                                  f"{self.endpoint}: no connection (or a full queue) within "
                                  f"{timeout:.1f}s (is the node running?)")
-        send_frames(self._sock, frames)
+        send_frames(self._sock, frames, copy_header=True)
+        return msg_id
 
     def recv_reply(self, timeout: float) -> Message | None:
         """The next reply (any request), or None after `timeout` seconds.
@@ -133,10 +129,10 @@ class Client:
         retries = self.retries if retries is None else retries
         body = {} if body is None else body
         with self._lock:
-            msg_id, frames = self.send(mtype, body, timeout=timeout)
+            msg_id = self.send(mtype, body, timeout=timeout)
             for attempt in range(retries + 1):
-                if attempt:
-                    self._send_frames(frames, mtype, timeout)
+                if attempt:  # the same msg_id: the server runs the request at most once
+                    self.send(mtype, body, timeout=timeout, msg_id=msg_id)
                 deadline = time.monotonic() + timeout
                 while (left := deadline - time.monotonic()) > 0:
                     reply = self.recv_reply(left)
@@ -212,8 +208,14 @@ class ReplyCache:
                     self._shed_bytes()
         d = self._d
         d[key] = value
-        if len(d) > self.size:
-            self._shed_keys()
+        if len(d) > self.size:  # the common case once full: one key in, the oldest out
+            k, _ = d.popitem(last=False)
+            if sized:
+                n = sized.pop(k, None)
+                if n is not None:
+                    self.nbytes -= n
+            if len(d) > self.size:
+                self._shed_keys()
 
     def _shed_bytes(self) -> None:
         """Turn the oldest replies into tombstones until the frames fit in max_bytes."""

@@ -178,25 +178,27 @@ def bound_endpoint(sock: zmq.Socket) -> str:
     return ep.decode() if isinstance(ep, bytes) else ep
 
 
-def send_frames(sock: zmq.Socket, frames: list, flags: int = 0, prefix: list | None = None) -> None:
+def send_frames(sock: zmq.Socket, frames: list, flags: int = 0, prefix: list | None = None,
+                copy_header: bool = False) -> None:
     """Send prefix frames (routing id / topic) then message frames as one message.
 
     Every part goes with copy=False: pyzmq copies parts below its copy threshold (64 KiB)
-    anyway, and sends larger ones (out-of-band array buffers) zero-copy. With NOBLOCK, a
+    anyway, and sends larger ones (out-of-band array buffers) zero-copy. copy_header=True:
+    frame 0 is always copied (a transient header, see codec.encode_fields). With NOBLOCK, a
     full queue raises zmq.Again on the first part, so nothing half-sent is left behind.
     (Flags are plain ints here: or-ing pyzmq's enum flags costs ~0.5 us per message.)
     """
-    parts = frames if not prefix else [*prefix, *frames]
-    last = len(parts) - 1
     send = sock.send
     flags = int(flags)
-    if last == 0:
-        send(parts[0], flags, copy=False)
+    if not prefix and len(frames) == 1:  # the common case: one header frame
+        send(frames[0], flags, copy=copy_header)
         return
     more = flags | SNDMORE
-    for i in range(last):
-        send(parts[i], more, copy=False)
-    send(parts[last], flags, copy=False)
+    for part in prefix or ():
+        send(part, more, copy=False)
+    last = len(frames) - 1
+    for i, part in enumerate(frames):
+        send(part, flags if i == last else more, copy=copy_header and i == 0)
 
 
 def recv_frames(sock: zmq.Socket, n_head: int, flags: int = 0) -> list:

@@ -32,7 +32,7 @@ def main() -> int:
     print("READY {}", flush=True)
     while answered < n:
         while sent < n and len(outstanding) < window:
-            msg_id, _ = client.send("ping", {"payload": sent})
+            msg_id = client.send("ping", {"payload": sent})
             outstanding[msg_id] = sent
             sent += 1
         reply = client.recv_reply(30.0)
