@@ -473,7 +473,7 @@ class Node(MessageHandling):
                 for timer in self._timer_q.due(time.monotonic()):
                     self._run_guarded(timer.fn, "timer")
             if router in events:
-                self._drain_socket(router, self._on_request_frames)
+                self._drain_socket(router, self._on_request_frames, hold_replies=True)
             if sub.sock in events:
                 self._drain_socket(sub.sock, self._on_event_frames)
 
