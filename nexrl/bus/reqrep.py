@@ -134,8 +134,10 @@ class Client:
                 if attempt:  # the same msg_id: the server runs the request at most once
                     self.send(mtype, body, timeout=timeout, msg_id=msg_id)
                 deadline = time.monotonic() + timeout
-                while (left := deadline - time.monotonic()) > 0:
+                left = timeout  # the first wait: the whole timeout (RCVTIMEO stays as it was)
+                while left > 0:
                     reply = self.recv_reply(left)
+                    left = deadline - time.monotonic()
                     if reply is None:
                         break
                     if reply.reply_to != msg_id:
