@@ -444,10 +444,8 @@ class Node(MessageHandling):
     def _run_loop(self) -> None:
         router, sub = self._router, self._bus_sub
         assert router is not None and sub is not None
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(sub.sock, zmq.POLLIN)
-        poller.register(self._wakeup.fd, zmq.POLLIN)
+        wake_fd = self._wakeup.fd
+        items = [(router, zmq.POLLIN), (sub.sock, zmq.POLLIN), (wake_fd, zmq.POLLIN)]
         self._tune_gc()
         while sub.pending:  # events that arrived during the handshake
             self._dispatch_event(*sub.pending.popleft())
@@ -462,24 +460,27 @@ class Node(MessageHandling):
                     self._drain_reason = (f"drain timeout ({self.node_cfg.drain_timeout_s:g}s) "
                                           f"after {self._drain_reason or 'stop'}")
                     return
-            events = dict(poller.poll(self._poll_timeout()))
-            if self._wakeup.fd in events:
+            ready = [what for what, _ in zmq.zmq_poll(items, self._poll_timeout())]
+            if wake_fd in ready:
                 self._wakeup.drain()
             if self._signals and self._on_signals():
                 return
-            for fn in self._call_q.take():
-                self._run_guarded(fn, "callback")
+            if len(self._call_q):
+                for fn in self._call_q.take():
+                    self._run_guarded(fn, "callback")
             if len(self._timer_q):
                 for timer in self._timer_q.due(time.monotonic()):
                     self._run_guarded(timer.fn, "timer")
-            if router in events:
+            if router in ready:
                 self._drain_socket(router, self._on_request_frames, hold_replies=True)
-            if sub.sock in events:
+            if sub.sock in ready:
                 self._drain_socket(sub.sock, self._on_event_frames)
 
     def _poll_timeout(self) -> int:
         if len(self._call_q) or self._signals:
             return 0
+        if not len(self._timer_q) and self._drain_deadline is None:
+            return 1000  # nothing scheduled: wake at least once a second
         now = time.monotonic()
         wait = 1.0
         nxt = self._timer_q.next_delay(now) if len(self._timer_q) else None
