@@ -1,4 +1,4 @@
-"""python bench/bus.py [--quick] [--rounds 5] [--json out.json]
+"""python bench/bus.py [--quick] [--rounds 5] [--json out.json] [--oob-threshold BYTES]
 
 Bus benchmark: the same exchanges through raw pyzmq and through the NexRL bus, in one run
 (~1-2 minutes on 2 cores; --quick: a few seconds, a smoke test of the benchmark itself).
@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small counts")
     ap.add_argument("--rounds", type=int, default=5, help="alternating raw/NexRL rounds per row")
     ap.add_argument("--json", help="write the figures here as JSON")
+    ap.add_argument("--oob-threshold", type=int, default=None,
+                    help="NexRL client: arrays of this many bytes or more go out of band "
+                         "(default: the codec's, 64 KiB)")
     ap.add_argument("--raw-server", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.raw_server:
@@ -310,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"node.bus.events_pub={pub_ep}", f"node.bus.events_sub={sub_ep}"],
                            "bus is live"))
         client = Client(ctx, node_ep, sender="bench-client", timeout=30.0, retries=0, linger_ms=0)
+        if args.oob_threshold is not None:
+            client.oob_threshold = args.oob_threshold
         client.request("ping", {})
         ping_len = len(codec.encode_fields("ping", {"payload": {"i": 1, "text": "hello"}},
                                            "bench-client", codec.new_msg_id(), None, 1,
