@@ -41,12 +41,15 @@ A role subclasses Node, sets `role` and `Config` (its config dataclass), and mar
 
 from __future__ import annotations
 
+import ast
 import gc
+import inspect
 import logging
 import os
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -91,6 +94,11 @@ class Node(MessageHandling):
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         cls._handlers = _collect_handlers(cls)
+        taken = _private_names(cls, defined_only=True) & _base_private_names()
+        if taken:
+            raise TypeError(f"{cls.__module__}.{cls.__qualname__} defines {', '.join(sorted(taken))}, "
+                            f"which the Node base class uses itself: rename "
+                            f"{'it' if len(taken) == 1 else 'them'} (e.g. without the underscore)")
 
     def __init__(self, node_cfg: NodeConfig, cfg: Any = None):
         self.node_cfg, self.cfg = node_cfg, cfg
@@ -543,3 +551,31 @@ class Node(MessageHandling):
 
 
 Node._handlers = _collect_handlers(Node)
+
+
+def _private_names(cls: type, defined_only: bool = False) -> set[str]:
+    """Private names (`_x`, not `__x__`) of `cls`'s own source: its methods and the `self._x`
+    attributes its methods use (defined_only: assign). Empty when the source is not at hand."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return set()
+    names = set()
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(n.name)
+        elif (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+              and (not defined_only or isinstance(n.ctx, ast.Store))):
+            names.add(n.attr)
+    return {x for x in names if x.startswith("_") and not x.startswith("__")}
+
+
+_BASE_PRIVATE: set[str] = set()
+
+
+def _base_private_names() -> set[str]:
+    """What Node and MessageHandling use privately: a role that defines one of these names
+    would silently replace a piece of the runtime (it happened: `_finish`, `_bound`)."""
+    if not _BASE_PRIVATE:
+        _BASE_PRIVATE.update(_private_names(Node) | _private_names(MessageHandling))
+    return _BASE_PRIVATE

@@ -4,7 +4,8 @@
 
 Reply cache bounds, loop timers/calls ordering, rate limit, liveness counters, publisher
 drop counting (XPUB_NODROP), subscriber gap / restart / topic checks, the handshake keeping
-the events it read, and the schema checks on the hot path.
+the events it read, the schema checks on the hot path, and roles refused for reusing a
+private name of the Node base class.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from nexrl.bus.events import EventProxy, Publisher, Subscriber, handshake
 from nexrl.bus.liveness import Liveness
 from nexrl.bus.loop import CallQueue, RateLimit, Timers, Wakeup, poll_ms
 from nexrl.bus.reqrep import ReplyCache
+from nexrl.plugins import load_object
 
 
 def frames(n: int) -> list:
@@ -211,3 +213,20 @@ def test_schema_checks_refuse_with_codes_and_accept_unknown_fields_incoming() ->
         schema.check_incoming("lease.ack", {"lease_ids": "x"})
     with pytest.raises(schema.SchemaError, match="must not be nil"):
         schema.check_incoming("lease.request", {"credits": None})
+
+
+def test_a_role_that_reuses_a_private_name_of_the_node_base_is_refused(tmp_path) -> None:
+    """A role class that defines a method or `self._x` the Node runtime uses itself would
+    silently replace part of the runtime; it is refused when the class is made, by name."""
+    bad = tmp_path / "bad_role.py"
+    bad.write_text("from nexrl.node import Node\n\n\n"
+                   "class Bad(Node):\n"
+                   "    role = 'bad'\n\n"
+                   "    def setup(self):\n"
+                   "        self._bound = {}\n"
+                   "        self._mine = 1\n")
+    with pytest.raises(TypeError, match=r"Bad defines _bound, which the Node base class uses"):
+        load_object(f"{bad}:Bad")
+    good = tmp_path / "good_role.py"
+    good.write_text(bad.read_text().replace("self._bound = {}", "self.bound = {}"))
+    assert load_object(f"{good}:Bad").role == "bad"
