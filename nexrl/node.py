@@ -89,16 +89,21 @@ class Node(MessageHandling):
     #: Reply cache bounds (dedupe of retried requests): keys, and bytes of reply frames.
     REPLY_CACHE_SIZE: ClassVar[int] = 10_000
     REPLY_CACHE_BYTES: ClassVar[int] = 64 << 20
+    #: Private names of the runtime this class replaces on purpose (fault injection in
+    #: tests); any other method or `self._x` reusing one of the runtime's names is refused.
+    RUNTIME_OVERRIDES: ClassVar[tuple[str, ...]] = ()
     _handlers: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         cls._handlers = _collect_handlers(cls)
-        taken = _private_names(cls, defined_only=True) & _base_private_names()
+        taken = (_private_names(cls, defined_only=True) & _base_private_names()
+                 - set(cls.RUNTIME_OVERRIDES))
         if taken:
             raise TypeError(f"{cls.__module__}.{cls.__qualname__} defines {', '.join(sorted(taken))}, "
                             f"which the Node base class uses itself: rename "
-                            f"{'it' if len(taken) == 1 else 'them'} (e.g. without the underscore)")
+                            f"{'it' if len(taken) == 1 else 'them'} (e.g. without the underscore), "
+                            f"or list a deliberate override in RUNTIME_OVERRIDES")
 
     def __init__(self, node_cfg: NodeConfig, cfg: Any = None):
         self.node_cfg, self.cfg = node_cfg, cfg

@@ -35,6 +35,7 @@ class FlakyConfig:
 class FlakyNode(Node):
     role = "flaky"
     Config = FlakyConfig
+    RUNTIME_OVERRIDES = ("_on_request_frames", "_route_reply")  # where the faults are injected
 
     def setup(self) -> None:
         self.runs: Counter[str] = Counter()
