@@ -328,7 +328,7 @@ def trainer_main(args: argparse.Namespace) -> None:
 def fault_check(sender, client, params, cfg) -> None:
     """A stalled trainer: the engine must give up after the group timeout and keep serving."""
     from nexrl.engine_client import EngineError
-    from nexrl.weight_transfer import FLATTENED_BUCKET
+    from nexrl.weight_buckets import FLATTENED_BUCKET
 
     sender.close()
     sender.cfg.timeout_s = 5.0

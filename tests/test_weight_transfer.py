@@ -28,8 +28,9 @@ import torch
 from helpers.procs import kill_tree
 from nexrl.engine_client import EngineClient, EngineError
 from nexrl.tiny import build_tiny_model
-from nexrl.weight_transfer import (FLATTENED_BUCKET, SenderConfig, TensorMeta, WeightSender,
-                                   WeightSyncError, pack_bucket, plan_buckets, unpack_bucket)
+from nexrl.weight_buckets import (FLATTENED_BUCKET, TensorMeta, WeightSyncError, pack_bucket,
+                                  plan_buckets, unpack_bucket)
+from nexrl.weight_transfer import SenderConfig, WeightSender
 
 PROMPT = [20, 31, 42, 53, 64, 75, 86]  # char-level ids of the tiny tokenizer
 NEW_TOKENS = 6

@@ -76,8 +76,8 @@ from typing import Any
 from aiohttp import web
 
 from nexrl.engine_client import DEFAULT_GROUP_NAME
-from nexrl.weight_transfer import (FLATTENED_BUCKET, TensorMeta, WeightGroup, WeightSyncError,
-                                   open_group, unpack_bucket)
+from nexrl.weight_buckets import FLATTENED_BUCKET, TensorMeta, WeightSyncError, unpack_bucket
+from nexrl.weight_transfer import WeightGroup, open_group
 
 log = logging.getLogger("nexrl.inference.weights")
 
@@ -323,7 +323,7 @@ class WeightRoutes:
     def _issue(g: WeightGroup, metas: list[TensorMeta], bucketed: bool) -> tuple[list, list]:
         import torch
 
-        from nexrl.weight_transfer import torch_dtype
+        from nexrl.weight_buckets import torch_dtype
 
         if bucketed:
             bufs = [torch.empty(sum(m.nbytes for m in metas), dtype=torch.uint8, device=g.device)]
