@@ -1,6 +1,7 @@
 """The NexRL message bus: ZeroMQ sockets, the wire codec and the patterns built on them.
 
     codec     Message <-> frames (msgpack header + out-of-band array buffers)
+    arrays    numpy arrays / torch tensors as ext payloads, inline or out-of-band
     schema    proto/schema.json as checks on every message sent and received
     sockets   production socket settings (HWM, linger, MANDATORY, IMMEDIATE, CURVE)
     reqrep    Client (DEALER): correlation ids, timeouts, retries; ReplyCache (dedupe)

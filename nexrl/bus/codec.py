@@ -7,25 +7,16 @@ implementation. A message is one header frame plus zero or more buffer frames:
                  version, type, msg_id, reply_to, sender, seq, ts, body
     frame 1..n   raw little-endian bytes of arrays too large to inline (out-of-band)
 
-Arrays anywhere inside `body` travel as msgpack ext types whose payload is itself a msgpack
-array `[dtype, shape, data]`:
-
-    ext 1  numpy array     data = bin (inline) or uint (index of its out-of-band frame, 0-based)
-    ext 2  torch tensor    same payload; decoded back to a torch.Tensor
-
-Buffers of `oob_threshold` bytes or more go out-of-band and are sent with copy=False; on the
-receiving side they are wrapped with `numpy.frombuffer` on the received frame (no copy), so
-decoded arrays are read-only views. Importing this module never imports torch: tensors are
-recognised through `sys.modules`, and torch is imported on decode only if a tensor arrives.
+Arrays anywhere inside `body` travel as msgpack ext types (1 numpy array, 2 torch tensor),
+inline or as their own frame: nexrl/bus/arrays.py. Encoding is per thread with reused msgpack
+Packers; importing this module never imports torch.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,33 +25,17 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from .arrays import (EXT_NDARRAY, EXT_TENSOR, OOB_THRESHOLD, WIRE_DTYPES, DecodeError,
+                     EncodeError, decode_array, encode_ndarray, encode_tensor, frame_buffer,
+                     torch_tensor_type)
+
+__all__ = ["EXT_NDARRAY", "EXT_TENSOR", "OOB_THRESHOLD", "PROTOCOL_MAJOR", "PROTOCOL_VERSION",
+           "WIRE_DTYPES", "DecodeError", "EncodeError", "Message", "decode", "encode",
+           "encode_fields", "new_msg_id", "reset_id_prefix", "stamp"]
+
 PROTOCOL_VERSION = "1.0"
 PROTOCOL_MAJOR = 1
-EXT_NDARRAY = 1
-EXT_TENSOR = 2
-#: Buffers at least this large travel as their own frame, zero-copy (pyzmq's own copy threshold).
-OOB_THRESHOLD = 64 * 1024
-
-#: The dtypes the wire knows (numpy names; bfloat16 travels for torch tensors and ml_dtypes).
-WIRE_DTYPES = (
-    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", "float32", "float64", "complex64", "complex128", "bfloat16",
-)
-_WIRE_DTYPE_SET = frozenset(WIRE_DTYPES)
 _VERSION_RE = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
-
-
-class DecodeError(ValueError):
-    """Frames that are not a valid NexRL message; the text says what is wrong and `code` is
-    the wire error code (malformed | bad_version | too_large)."""
-
-    def __init__(self, message: str, code: str = "malformed"):
-        super().__init__(message)
-        self.code = code
-
-
-class EncodeError(TypeError):
-    """A value that cannot travel on the wire (e.g. an object array); the text names it."""
 
 
 @dataclass(slots=True)
@@ -96,113 +71,6 @@ def reset_id_prefix() -> None:
 # --------------------------------------------------------------------------- encoding
 
 
-_TENSOR_TYPE: type | None = None
-
-
-def _torch_tensor_type() -> type | None:
-    global _TENSOR_TYPE
-    if _TENSOR_TYPE is None:  # torch not seen yet: look again (it may be imported since)
-        torch = sys.modules.get("torch")
-        # getattr: another thread may be half-way through `import torch` right now
-        _TENSOR_TYPE = getattr(torch, "Tensor", None) if torch is not None else None
-    return _TENSOR_TYPE
-
-
-def _array_payload(dtype: str, shape: tuple[int, ...], buf: memoryview, nbytes: int,
-                   oob: list, oob_threshold: int) -> bytes:
-    if nbytes >= oob_threshold:
-        oob.append(buf)
-        data: Any = len(oob) - 1
-    else:
-        data = buf  # msgpack packs a memoryview as bin directly (no tobytes() copy)
-    return _ENCODER.inner.pack([dtype, list(shape), data])
-
-
-#: dtype -> wire name, for dtypes seen before (numpy's dtype.name is a slow property).
-_DTYPE_NAMES: dict[np.dtype, str] = {}
-#: dtype -> the first bytes of its ext payload (msgpack array of 3 + the dtype name), for
-#: dtypes whose bytes travel as they are (little-endian or single-byte) and which a
-#: memoryview can cast to bytes: the fast path of `_encode_ndarray`.
-_FAST_HEADS: dict[np.dtype, bytes] = {}
-_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
-_new_ext = tuple.__new__  # msgpack.ExtType(...) re-validates its two fields in Python
-
-
-def _wire_name(dt: np.dtype) -> str:
-    name = _DTYPE_NAMES.get(dt)
-    if name is None:
-        name = dt.name
-        if name not in _WIRE_DTYPE_SET:
-            raise EncodeError(f"numpy dtype {dt!r} cannot travel on the wire; "
-                              f"allowed: {', '.join(WIRE_DTYPES)}")
-        _DTYPE_NAMES[dt] = name
-        order = dt.byteorder
-        if order in "<|" or (order == "=" and _LITTLE_ENDIAN_HOST):
-            try:
-                np.zeros(1, dt).data.cast("B")
-                _FAST_HEADS[dt] = b"\x93" + msgpack.packb(name)
-            except (TypeError, ValueError, NotImplementedError):
-                pass  # e.g. a dtype without a buffer format: the general path
-    return name
-
-
-def _bin_header(n: int) -> bytes:
-    """msgpack's own bin header for n bytes (bin 8 / 16 / 32), as Packer writes it."""
-    if n < 0x100:
-        return b"\xc4" + n.to_bytes(1, "big")
-    if n < 0x10000:
-        return b"\xc5" + n.to_bytes(2, "big")
-    return b"\xc6" + n.to_bytes(4, "big")
-
-
-def _encode_ndarray(arr: np.ndarray, oob: list, oob_threshold: int) -> msgpack.ExtType:
-    head = _FAST_HEADS.get(arr.dtype)
-    if head is not None:
-        view = arr.data
-        n = view.nbytes
-        if n and view.c_contiguous:
-            # Fast path (the common case): the payload is assembled from its parts, with
-            # the array's bytes copied once (inline) or not at all (out-of-band); the same
-            # bytes as packing [dtype, shape, data] with msgpack.
-            buf = view.cast("B")
-            inner = _ENCODER.inner
-            if n >= oob_threshold:
-                oob.append(buf)
-                payload = head + inner.pack(arr.shape) + inner.pack(len(oob) - 1)
-            else:
-                payload = b"".join((head, inner.pack(arr.shape), _bin_header(n), buf))
-            return _new_ext(msgpack.ExtType, (EXT_NDARRAY, payload))
-    dt = arr.dtype
-    dtype = _wire_name(dt)
-    order = dt.byteorder  # the wire is little-endian, whatever the host
-    if order == ">" or (order == "=" and not _LITTLE_ENDIAN_HOST):
-        arr = arr.astype(dt.newbyteorder("<"))
-    if not arr.flags.c_contiguous:  # (not np.ascontiguousarray: it turns 0-d arrays into 1-d)
-        arr = np.ascontiguousarray(arr)
-    buf = memoryview(arr.reshape(-1).view(np.uint8))
-    return msgpack.ExtType(EXT_NDARRAY,
-                           _array_payload(dtype, arr.shape, buf, arr.nbytes, oob, oob_threshold))
-
-
-def _encode_tensor(t: Any, oob: list, oob_threshold: int) -> msgpack.ExtType:
-    import torch  # already imported: the caller holds a tensor
-
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    dtype = str(t.dtype).removeprefix("torch.")
-    if dtype not in _WIRE_DTYPE_SET:
-        raise EncodeError(f"torch dtype {t.dtype} cannot travel on the wire")
-    flat = t.reshape(-1)
-    if dtype == "bfloat16":
-        flat = flat.view(torch.int16)
-    arr = flat.numpy()
-    buf = memoryview(arr.view(np.uint8))
-    return msgpack.ExtType(EXT_TENSOR,
-                           _array_payload(dtype, tuple(t.shape), buf, arr.nbytes, oob, oob_threshold))
-
-
 class _Encoder(threading.local):
     """Per-thread encoding state. One msgpack Packer is built per thread and reused (a new
     Packer per message, as msgpack.packb makes, costs about a third of a small encode); its
@@ -213,7 +81,6 @@ class _Encoder(threading.local):
     def __init__(self) -> None:
         self.cur: tuple | None = None
         self.packer = msgpack.Packer(default=self.default, use_bin_type=True, autoreset=True)
-        self.inner = msgpack.Packer(use_bin_type=True, autoreset=True)  # ext payloads
         self.scratch = self.new_scratch()  # transient headers (encode_fields(transient=True))
 
     def new_scratch(self) -> msgpack.Packer:
@@ -222,11 +89,11 @@ class _Encoder(threading.local):
     def default(self, obj: Any) -> Any:
         oob, oob_threshold, mtype, tensor_type = self.cur
         if isinstance(obj, np.ndarray):
-            return _encode_ndarray(obj, oob, oob_threshold)
+            return encode_ndarray(obj, oob, oob_threshold)
         if isinstance(obj, np.generic):
             return obj.item()
         if tensor_type is not None and isinstance(obj, tensor_type):
-            return _encode_tensor(obj, oob, oob_threshold)
+            return encode_tensor(obj, oob, oob_threshold)
         if isinstance(obj, (tuple, set, frozenset)):
             return list(obj)
         raise EncodeError(f"a value of type {type(obj).__name__} cannot travel on the wire "
@@ -255,7 +122,7 @@ def encode_fields(mtype: str, body: dict[str, Any], sender: str, msg_id: str,
     enc = _ENCODER
     outer = enc.cur
     oob: list = []
-    enc.cur = (oob, oob_threshold, mtype, _torch_tensor_type())
+    enc.cur = (oob, oob_threshold, mtype, torch_tensor_type())
     header = {
         "version": version,
         "type": mtype,
@@ -306,142 +173,12 @@ def stamp(msg: Message, sender: str, seq: int) -> Message:
 # --------------------------------------------------------------------------- decoding
 
 
-def _frame_buffer(frame: Any) -> memoryview:
-    buf = getattr(frame, "buffer", None)  # zmq.Frame (received with copy=False)
-    # read-only either way, so decoded arrays are read-only views whatever carried them
-    return buf.toreadonly() if buf is not None else memoryview(frame)
-
-
-_NP_DTYPES: dict[str, np.dtype] = {}  # wire name -> little-endian numpy dtype
-
-
-def _np_dtype(name: str) -> np.dtype:
-    dt = _NP_DTYPES.get(name)
-    if dt is not None:
-        return dt
-    if name not in _WIRE_DTYPE_SET:
-        raise DecodeError(f"unknown array dtype {name!r}; the wire knows {', '.join(WIRE_DTYPES)}")
-    if name == "bfloat16":
-        try:
-            import ml_dtypes  # optional: numpy has no bfloat16 of its own
-        except ImportError as e:
-            raise DecodeError("a bfloat16 numpy array needs the ml_dtypes package") from e
-        dt = np.dtype(ml_dtypes.bfloat16)
-    else:
-        dt = np.dtype(name).newbyteorder("<")
-    _NP_DTYPES[name] = dt
-    return dt
-
-
-#: The bytes an inline 1-D array's payload starts with (array of 3, fixstr dtype name,
-#: shape = array of 1) -> its numpy dtype, for `_view_1d`.
-_VIEW_PREFIXES: dict[bytes, np.dtype] = {
-    b"\x93" + msgpack.packb(name) + b"\x91": np.dtype(name).newbyteorder("<")
-    for name in WIRE_DTYPES if name != "bfloat16"}
-
-
-def _view_1d(payload: bytes) -> np.ndarray | None:
-    """The common case read straight from the payload's bytes, no copy: an inline 1-D array,
-    i.e. [fixstr dtype, [count], bin data] exactly as Packer writes it. None: anything else
-    (the caller then takes the general path, which does the full checks)."""
-    try:
-        p = payload[1] - 0x9d                # the prefix: 0x93, fixstr header + name, 0x91
-        dt = _VIEW_PREFIXES.get(payload[:p]) if p > 3 else None
-        if dt is None:
-            return None
-        c = payload[p]
-        if c < 0x80:                         # count: positive fixint, uint 16 / 32 / 8
-            count, p = c, p + 1
-        elif c == 0xcd:
-            count, p = (payload[p + 1] << 8) | payload[p + 2], p + 3
-        elif c == 0xce:
-            count, p = int.from_bytes(payload[p + 1:p + 5], "big"), p + 5
-        elif c == 0xcc:
-            count, p = payload[p + 1], p + 2
-        else:
-            return None
-        b = payload[p]
-        if b == 0xc5:                        # data: bin 16 / 32 / 8
-            n, p = (payload[p + 1] << 8) | payload[p + 2], p + 3
-        elif b == 0xc6:
-            n, p = int.from_bytes(payload[p + 1:p + 5], "big"), p + 5
-        elif b == 0xc4:
-            n, p = payload[p + 1], p + 2
-        else:
-            return None
-    except IndexError:
-        return None
-    if n != len(payload) - p or n != count * dt.itemsize:
-        return None
-    return np.frombuffer(payload, dt, count, p)
-
-
-def _decode_array(code: int, payload: bytes, frames: list) -> Any:
-    if code == EXT_NDARRAY:
-        arr = _view_1d(payload)
-        if arr is not None:
-            return arr
-    try:
-        dtype, shape, data = msgpack.unpackb(payload, raw=False)
-    except (ValueError, TypeError, msgpack.UnpackException) as e:
-        raise DecodeError(f"ext {code} payload is not [dtype, shape, data]: {e}") from e
-    if type(dtype) is not str or type(shape) is not list or \
-            not all(type(d) is int and d >= 0 for d in shape):
-        raise DecodeError(f"ext {code} payload has a bad dtype {dtype!r} or shape {shape!r}")
-    if type(data) is bytes:
-        buf: Any = data
-    elif type(data) is int:
-        if not 0 <= data < len(frames) - 1:
-            raise DecodeError(f"array refers to out-of-band frame {data}, "
-                              f"but the message has {len(frames) - 1}")
-        buf = _frame_buffer(frames[data + 1])
-    else:
-        raise DecodeError(f"ext {code} data must be bin or a frame index, not {type(data).__name__}")
-    if code == EXT_TENSOR:
-        return _to_tensor(dtype, shape, buf)
-    dt = _np_dtype(dtype)
-    count = math.prod(shape)  # exact (numpy's int64 prod overflows on absurd shapes)
-    if len(buf) != count * dt.itemsize:
-        raise DecodeError(f"array of dtype {dtype} and shape {shape} needs "
-                          f"{count * dt.itemsize} bytes, got {len(buf)}")
-    arr = np.frombuffer(buf, dtype=dt, count=count)
-    if len(shape) == 1:
-        return arr
-    try:
-        return arr.reshape(shape)
-    except ValueError as e:  # e.g. more dimensions than numpy supports
-        raise DecodeError(f"array shape {shape} is not supported: {e}") from e
-
-
-def _to_tensor(dtype: str, shape: list, buf: Any) -> Any:
-    import warnings
-
-    wire = "int16" if dtype == "bfloat16" else dtype
-    dt = _np_dtype(wire)
-    count = math.prod(shape)
-    if len(buf) != count * dt.itemsize:
-        raise DecodeError(f"tensor of dtype {dtype} and shape {shape} needs "
-                          f"{count * dt.itemsize} bytes, got {len(buf)}")
-    import torch  # only for a well-formed tensor: a bad payload must not pull torch in
-
-    arr = np.frombuffer(buf, dtype=dt, count=count)
-    with warnings.catch_warnings():  # read-only view by design: see the module docstring
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(arr)
-    if dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    try:
-        return t.reshape(shape)
-    except (RuntimeError, ValueError, TypeError) as e:  # e.g. a shape torch cannot hold
-        raise DecodeError(f"tensor shape {shape} is not supported: {e}") from e
-
-
 _NO_OOB_FRAMES = [b""]  # stands for a one-frame message: no out-of-band frame to refer to
 
 
 def _ext_hook_one_frame(code: int, payload: bytes) -> Any:
     if code == EXT_NDARRAY or code == EXT_TENSOR:
-        return _decode_array(code, payload, _NO_OOB_FRAMES)
+        return decode_array(code, payload, _NO_OOB_FRAMES)
     raise DecodeError(f"unknown msgpack ext type {code} (known: 1 ndarray, 2 tensor)")
 
 
@@ -455,7 +192,7 @@ def decode(frames: list, max_bytes: int | None = None) -> Message:
     if not frames:
         raise DecodeError("empty message (no frames)")
     first = frames[0]
-    head_buf = first if type(first) is bytes else _frame_buffer(first)
+    head_buf = first if type(first) is bytes else frame_buffer(first)
     if max_bytes is not None:
         # bytes, zmq.Frame and 1-D byte memoryviews all have len() == their size in bytes
         total = len(head_buf) if len(frames) == 1 else sum(map(len, frames))
@@ -468,7 +205,7 @@ def decode(frames: list, max_bytes: int | None = None) -> Message:
     else:
         def ext_hook(code: int, payload: bytes) -> Any:
             if code == EXT_NDARRAY or code == EXT_TENSOR:
-                return _decode_array(code, payload, frames)
+                return decode_array(code, payload, frames)
             raise DecodeError(f"unknown msgpack ext type {code} (known: 1 ndarray, 2 tensor)")
 
     try:
