@@ -40,13 +40,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import msgpack
 import numpy as np
@@ -99,26 +103,95 @@ def raw_server(endpoint: str) -> None:
         if len(parts) == 2:
             sock.send_multipart(parts)
             continue
-        meta = msgpack.unpackb(parts[1].buffer)
-        n = 0
-        for frame, (dtype, shape) in zip(parts[2:], meta["arrays"]):
-            n += np.frombuffer(frame.buffer, dtype=dtype).reshape(shape).shape[0]
-        sock.send_multipart([parts[0], msgpack.packb({"accepted": len(meta["items"]),
-                                                      "duplicates": 0 if n else 1})])
+        sock.send_multipart([parts[0], raw_take(parts)])
+
+
+def raw_take(parts: list) -> bytes:
+    """The raw server's work on one trajectory message [id, meta, *arrays]: unpack the meta,
+    wrap each array with frombuffer, pack the ack (it depends on the message)."""
+    meta = msgpack.unpackb(parts[1].buffer)
+    n = 0
+    for frame, (dtype, shape) in zip(parts[2:], meta["arrays"]):
+        n += np.frombuffer(frame.buffer, dtype=dtype).reshape(shape).shape[0]
+    return msgpack.packb({"accepted": len(meta["items"]), "duplicates": 0 if n else 1})
 
 
 def spawn(args: list[str], wait_for: str, timeout: float = 60.0) -> subprocess.Popen:
+    """Start `args`; return once it printed a line containing `wait_for` (RuntimeError with
+    its last lines after `timeout` seconds or when it exits). A thread keeps reading its
+    output afterwards, so a chatty process never blocks on a full pipe."""
     p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in p.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, name=f"bench-out-{p.pid}", daemon=True).start()
+    seen: list[str] = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if not line:
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
             break
         if wait_for in line:
             return p
+        seen.append(line)
     p.kill()
-    raise RuntimeError(f"bench: {' '.join(args[:3])} did not print {wait_for!r}")
+    p.wait(10)
+    raise RuntimeError(f"bench: {' '.join(args[:3])} did not print {wait_for!r} within "
+                       f"{timeout:.0f}s; last output:\n{''.join(seen[-20:])}")
+
+
+@dataclass
+class Servers:
+    """Addresses of the processes `servers()` started."""
+
+    pub: str            # event proxy: publishers connect here
+    sub: str            # event proxy: subscribers connect here
+    node: str           # the BenchNode's ROUTER
+    raw: str            # the raw pyzmq ROUTER (raw_server)
+    procs: list[subprocess.Popen]
+
+    @property
+    def raw_pid(self) -> int:
+        return self.procs[1].pid
+
+    @property
+    def node_pid(self) -> int:
+        return self.procs[2].pid
+
+
+@contextmanager
+def servers() -> Iterator[Servers]:
+    """The event proxy, the raw server and a BenchNode (`nexrl-node`), as subprocesses on
+    free loopback ports; stopped on the way out (SIGTERM, SIGKILL after 10 s)."""
+    here = os.path.abspath(__file__)
+    pub, sub, node, raw = (f"tcp://127.0.0.1:{free_port()}" for _ in range(4))
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(spawn([sys.executable, "-m", "nexrl.cli.bus", "proxy", "--pub", pub,
+                            "--sub", sub], "event proxy:"))
+        procs.append(spawn([sys.executable, here, "--raw-server", raw], "ready"))
+        procs.append(spawn([sys.executable, "-m", "nexrl.cli.node", f"{here}:BenchNode",
+                            "--name", "bench", "node.start=now", f"node.endpoint={node}",
+                            f"node.bus.events_pub={pub}", f"node.bus.events_sub={sub}"],
+                           "bus is live"))
+        yield Servers(pub, sub, node, raw, procs)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
 
 
 # --------------------------------------------------------------------------- payloads
@@ -295,84 +368,82 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     n_rtt, n_traj, n_big, n_ev = (500, 2000, 6, 20_000) if q else (4000, 20_000, 40, 200_000)
     rounds = 1 if q else args.rounds
+    ctx = zmq.Context()
+    try:
+        with servers() as sv:
+            res = run_rows(ctx, sv, args, rounds, n_rtt, n_traj, n_big, n_ev)
+    finally:
+        ctx.destroy(0)
+    print_rows(res, rounds)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+    return 0
 
+
+def run_rows(ctx: zmq.Context, sv: Servers, args: argparse.Namespace, rounds: int, n_rtt: int,
+             n_traj: int, n_big: int, n_ev: int) -> dict[str, Any]:
+    """Every row of the benchmark against the servers in `sv`; the figures as a dict."""
     from nexrl.bus import codec
     from nexrl.bus.reqrep import Client
 
-    p_pub, p_sub, p_node, p_raw = (free_port() for _ in range(4))
-    pub_ep, sub_ep = f"tcp://127.0.0.1:{p_pub}", f"tcp://127.0.0.1:{p_sub}"
-    node_ep, raw_ep = f"tcp://127.0.0.1:{p_node}", f"tcp://127.0.0.1:{p_raw}"
-    procs = []
-    ctx = zmq.Context()
-    try:
-        procs.append(spawn([sys.executable, "-m", "nexrl.cli.bus", "proxy", "--pub", pub_ep,
-                            "--sub", sub_ep], "event proxy:"))
-        procs.append(spawn([sys.executable, __file__, "--raw-server", raw_ep], "ready"))
-        procs.append(spawn([sys.executable, "-m", "nexrl.cli.node", f"{__file__}:BenchNode",
-                            "--name", "bench", "node.start=now", f"node.endpoint={node_ep}",
-                            f"node.bus.events_pub={pub_ep}", f"node.bus.events_sub={sub_ep}"],
-                           "bus is live"))
-        client = Client(ctx, node_ep, sender="bench-client", timeout=30.0, retries=0, linger_ms=0)
-        if args.oob_threshold is not None:
-            client.oob_threshold = args.oob_threshold
-        client.request("ping", {})
-        ping_len = len(codec.encode_fields("ping", {"payload": {"i": 1, "text": "hello"}},
-                                           "bench-client", codec.new_msg_id(), None, 1,
-                                           time.time())[0])
-        payload = os.urandom(ping_len)
-        traj_body = {"trajectories": [trajectory(4096)]}
-        big_body = {"trajectories": [trajectory(16 << 20, big=True)]}
-        res: dict[str, dict[str, Any]] = {}
+    pub_ep, sub_ep, node_ep, raw_ep = sv.pub, sv.sub, sv.node, sv.raw
+    client = Client(ctx, node_ep, sender="bench-client", timeout=30.0, retries=0, linger_ms=0)
+    if args.oob_threshold is not None:
+        client.oob_threshold = args.oob_threshold
+    client.request("ping", {})
+    ping_len = len(codec.encode_fields("ping", {"payload": {"i": 1, "text": "hello"}},
+                                       "bench-client", codec.new_msg_id(), None, 1,
+                                       time.time())[0])
+    payload = os.urandom(ping_len)
+    traj_body = {"trajectories": [trajectory(4096)]}
+    big_body = {"trajectories": [trajectory(16 << 20, big=True)]}
+    res: dict[str, dict[str, Any]] = {}
 
-        raw_l: list[float] = []
-        nex_l: list[float] = []
-        chunk = 500  # alternate raw / NexRL in chunks: both see the same machine state
-        for _ in range(rounds * max(1, n_rtt // chunk)):
-            raw_l += rtt_raw(ctx, raw_ep, payload, chunk)
-            nex_l += rtt_nexrl(client, chunk)
-        res["rtt"] = dict(raw_p50_us=pct(raw_l, .5) * 1e6, raw_p99_us=pct(raw_l, .99) * 1e6,
-                          nexrl_p50_us=pct(nex_l, .5) * 1e6, nexrl_p99_us=pct(nex_l, .99) * 1e6)
-        res["rtt"]["ratio_p50"] = res["rtt"]["nexrl_p50_us"] / res["rtt"]["raw_p50_us"]
-        res["rtt"]["ratio_p99"] = res["rtt"]["nexrl_p99_us"] / res["rtt"]["raw_p99_us"]
+    raw_l: list[float] = []
+    nex_l: list[float] = []
+    chunk = 500  # alternate raw / NexRL in chunks: both see the same machine state
+    for _ in range(rounds * max(1, n_rtt // chunk)):
+        raw_l += rtt_raw(ctx, raw_ep, payload, chunk)
+        nex_l += rtt_nexrl(client, chunk)
+    res["rtt"] = dict(raw_p50_us=pct(raw_l, .5) * 1e6, raw_p99_us=pct(raw_l, .99) * 1e6,
+                      nexrl_p50_us=pct(nex_l, .5) * 1e6, nexrl_p99_us=pct(nex_l, .99) * 1e6)
+    res["rtt"]["ratio_p50"] = res["rtt"]["nexrl_p50_us"] / res["rtt"]["raw_p50_us"]
+    res["rtt"]["ratio_p99"] = res["rtt"]["nexrl_p99_us"] / res["rtt"]["raw_p99_us"]
 
-        batch_body = {"trajectories": [trajectory(4096) for _ in range(8)]}
-        rows = (("trajectory", traj_body, n_traj, 64), ("64mib", big_body, n_big, 2),
-                ("traj x8", batch_body, n_traj // 8, 8))
-        for row, body, n, window in rows:
-            trajs = body["trajectories"]
-            raw_r, nex_r, pre_r = [], [], []
-            for _ in range(rounds):
-                raw_r.append(pipe_raw(ctx, raw_ep, trajs, n, window))
-                nex_r.append(pipe_nexrl(client, body, n, window))
-                if row == "trajectory":
-                    pre_r.append(pipe_raw(ctx, raw_ep, trajs, n, window, prebuilt=True))
-            nbytes = sum(a.nbytes for a in raw_frames(*trajs)[1:])
-            med_raw, med_nex = statistics.median(raw_r), statistics.median(nex_r)
-            res[row] = dict(raw_msg_s=med_raw, nexrl_msg_s=med_nex,
-                            raw_mb_s=med_raw * nbytes / 1e6, nexrl_mb_s=med_nex * nbytes / 1e6,
-                            raw_rounds=raw_r, nexrl_rounds=nex_r,
-                            ratio=paired_median(nex_r, raw_r),
-                            ratio_best=max(nex_r) / max(raw_r))
-            if pre_r:
-                res[row].update(raw_prebuilt_msg_s=statistics.median(pre_r),
-                                raw_prebuilt_rounds=pre_r, ratio_prebuilt=paired_median(nex_r, pre_r))
-        raw_e, nex_e = [], []
+    batch_body = {"trajectories": [trajectory(4096) for _ in range(8)]}
+    rows = (("trajectory", traj_body, n_traj, 64), ("64mib", big_body, n_big, 2),
+            ("traj x8", batch_body, n_traj // 8, 8))
+    for row, body, n, window in rows:
+        trajs = body["trajectories"]
+        raw_r, nex_r, pre_r = [], [], []
         for _ in range(rounds):
-            raw_e.append(events_raw(ctx, pub_ep, sub_ep, n_ev))
-            nex_e.append(events_nexrl(ctx, pub_ep, sub_ep, n_ev))
-        res["events"] = dict(raw_ev_s=statistics.median(raw_e), nexrl_ev_s=statistics.median(nex_e),
-                             ratio=paired_median(nex_e, raw_e))
-        client.close()
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        ctx.destroy(0)
+            raw_r.append(pipe_raw(ctx, raw_ep, trajs, n, window))
+            nex_r.append(pipe_nexrl(client, body, n, window))
+            if row == "trajectory":
+                pre_r.append(pipe_raw(ctx, raw_ep, trajs, n, window, prebuilt=True))
+        nbytes = sum(a.nbytes for a in raw_frames(*trajs)[1:])
+        med_raw, med_nex = statistics.median(raw_r), statistics.median(nex_r)
+        res[row] = dict(raw_msg_s=med_raw, nexrl_msg_s=med_nex,
+                        raw_mb_s=med_raw * nbytes / 1e6, nexrl_mb_s=med_nex * nbytes / 1e6,
+                        raw_rounds=raw_r, nexrl_rounds=nex_r,
+                        ratio=paired_median(nex_r, raw_r),
+                        ratio_best=max(nex_r) / max(raw_r))
+        if pre_r:
+            res[row].update(raw_prebuilt_msg_s=statistics.median(pre_r),
+                            raw_prebuilt_rounds=pre_r, ratio_prebuilt=paired_median(nex_r, pre_r))
+    raw_e, nex_e = [], []
+    for _ in range(rounds):
+        raw_e.append(events_raw(ctx, pub_ep, sub_ep, n_ev))
+        nex_e.append(events_nexrl(ctx, pub_ep, sub_ep, n_ev))
+    res["events"] = dict(raw_ev_s=statistics.median(raw_e), nexrl_ev_s=statistics.median(nex_e),
+                         ratio=paired_median(nex_e, raw_e))
+    client.close()
+    return res
 
+
+def print_rows(res: dict[str, Any], rounds: int) -> None:
+    """The table (and the load average, which goes into `res` too)."""
     r = res["rtt"]
     load = os.getloadavg()
     print(f"# machine load average (1/5/15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
@@ -398,10 +469,6 @@ def main(argv: list[str] | None = None) -> int:
     e = res["events"]
     print(f"{'events':<12} {e['raw_ev_s']:>9.0f} ev/s  {e['nexrl_ev_s']:>9.0f} ev/s  "
           f"{e['ratio']:>6.2f}x  (none)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,14 +20,14 @@ import gc
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import msgpack
-import numpy as np
 import psutil
 import zmq
 
-from bus import BenchNode, free_port, pipe_nexrl, pipe_raw, raw_frames, spawn, trajectory
+from bus import (BenchNode, pipe_nexrl, pipe_raw, raw_frames, raw_take, servers,
+                 trajectory)
 from nexrl.bus.reqrep import Client
 from nexrl.bus.sockets import make_socket
 from nexrl.config import NodeConfig
@@ -81,12 +81,7 @@ def in_process(n: int) -> dict[str, float]:
                 sent += 1
             for _ in range(sent - got):
                 parts = router.recv_multipart(copy=False)
-                meta = msgpack.unpackb(parts[1].buffer)
-                m = 0
-                for frame, (dtype, shape) in zip(parts[2:], meta["arrays"]):
-                    m += np.frombuffer(frame.buffer, dtype=dtype).reshape(shape).shape[0]
-                router.send_multipart([parts[0], msgpack.packb({"accepted": len(meta["items"]),
-                                                                "duplicates": 0 if m else 1})])
+                router.send_multipart([parts[0], raw_take(parts)])
             while got < sent:
                 msgpack.unpackb(dealer.recv())
                 got += 1
@@ -125,41 +120,27 @@ def per_thread_us(before: dict[int, float], after: dict[int, float], n: int) -> 
     return (used + [0.0, 0.0])[:2]
 
 
-def over_tcp(n: int) -> dict[str, Any]:
-    here = os.path.abspath(os.path.join(os.path.dirname(__file__), "bus.py"))
-    p_pub, p_sub, p_node, p_raw = (free_port() for _ in range(4))
-    pub, sub = f"tcp://127.0.0.1:{p_pub}", f"tcp://127.0.0.1:{p_sub}"
-    node_ep, raw_ep = f"tcp://127.0.0.1:{p_node}", f"tcp://127.0.0.1:{p_raw}"
-    procs = []
+def over_tcp(n: int) -> dict[str, list]:
     ctx = zmq.Context()
     try:
-        procs.append(spawn([sys.executable, "-m", "nexrl.cli.bus", "proxy", "--pub", pub,
-                            "--sub", sub], "event proxy:"))
-        procs.append(spawn([sys.executable, here, "--raw-server", raw_ep], "ready"))
-        procs.append(spawn([sys.executable, "-m", "nexrl.cli.node", f"{here}:BenchNode", "--name",
-                            "bench", "node.start=now", f"node.endpoint={node_ep}",
-                            f"node.bus.events_pub={pub}", f"node.bus.events_sub={sub}"],
-                           "bus is live"))
-        me, raw_p, node_p = (psutil.Process(), psutil.Process(procs[1].pid),
-                             psutil.Process(procs[2].pid))
-        client = Client(ctx, node_ep, sender="bench-client", timeout=30.0, retries=0, linger_ms=0)
-        body = {"trajectories": [trajectory(4096)]}
-        rows: dict[str, list] = {"raw": [], "nexrl": []}
-        for _ in range(3):
-            for name, server, run in (
-                    ("raw", raw_p, lambda: pipe_raw(ctx, raw_ep, body["trajectories"], n, 64)),
-                    ("nexrl", node_p, lambda: pipe_nexrl(client, body, n, 64))):
-                c0, s0 = thread_cpu(me), thread_cpu(server)
-                rate = run()
-                c1, s1 = thread_cpu(me), thread_cpu(server)
-                rows[name].append((rate, per_thread_us(c0, c1, n), per_thread_us(s0, s1, n)))
-        client.close()
-        return rows
+        with servers() as sv:
+            me, raw_p, node_p = (psutil.Process(), psutil.Process(sv.raw_pid),
+                                 psutil.Process(sv.node_pid))
+            client = Client(ctx, sv.node, sender="bench-client", timeout=30.0, retries=0,
+                            linger_ms=0)
+            body = {"trajectories": [trajectory(4096)]}
+            rows: dict[str, list] = {"raw": [], "nexrl": []}
+            for _ in range(3):
+                for name, server, run in (
+                        ("raw", raw_p, lambda: pipe_raw(ctx, sv.raw, body["trajectories"], n, 64)),
+                        ("nexrl", node_p, lambda: pipe_nexrl(client, body, n, 64))):
+                    c0, s0 = thread_cpu(me), thread_cpu(server)
+                    rate = run()
+                    c1, s1 = thread_cpu(me), thread_cpu(server)
+                    rows[name].append((rate, per_thread_us(c0, c1, n), per_thread_us(s0, s1, n)))
+            client.close()
+            return rows
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
         ctx.destroy(0)
 
 
