@@ -211,7 +211,9 @@ _VIEW_PREFIXES: dict[bytes, np.dtype] = {
 def _view_1d(payload: bytes) -> np.ndarray | None:
     """The common case read straight from the payload's bytes, no copy: an inline 1-D array,
     i.e. [fixstr dtype, [count], bin data] exactly as Packer writes it. None: anything else
-    (the caller then takes the general path, which does the full checks)."""
+    (the caller then takes the general path, which does the full checks). The width cases
+    are spelled out: computing the width (`1 << (c - 0xcc)` + int.from_bytes) measured
+    0.97 us a call against 0.67 us, on every inline array received."""
     try:
         p = payload[1] - 0x9d                # the prefix: 0x93, fixstr header + name, 0x91
         dt = _VIEW_PREFIXES.get(payload[:p]) if p > 3 else None
