@@ -30,6 +30,7 @@ import random
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -202,6 +203,18 @@ def read_data_state(path: str) -> dict[str, Any]:
     if not isinstance(state, dict) or not isinstance(state.get("consumed", []), list):
         raise ValueError(f"resume: {p} must hold a JSON object with a 'consumed' list")
     return state
+
+
+@dataclass
+class ResumeConfig:
+    """The resume settings of the nodes that restore their part of a trainer checkpoint
+    (dataloader, pool: the checkpoint's data_state.json); their configs extend this."""
+
+    #: Checkpoint to resume from: a checkpoint directory (or its data_state.json), "auto" =
+    #: the newest complete one under checkpoint_dir, "" = fresh start (recipe: ${trainer.resume}).
+    resume_from: str = ""
+    #: Where "auto" looks; "" = <node.run_dir>/checkpoints (recipe: ${trainer.checkpoint_dir}).
+    checkpoint_dir: str = ""
 
 
 def resolve_resume(resume_from: str, checkpoint_dir: str, run_dir: str) -> str:

@@ -46,7 +46,7 @@ import numpy as np
 
 from nexrl.bus.codec import Message
 from nexrl.bus.lease import Lease, LeaseTable
-from nexrl.checkpoint import read_data_state, resolve_resume
+from nexrl.checkpoint import ResumeConfig, read_data_state, resolve_resume
 from nexrl.config import NodeConfig
 from nexrl.node import DEFER, Deferred, HandlerError, Node, Request, handles
 
@@ -54,7 +54,7 @@ _SUFFIXES = (".jsonl", ".parquet")
 
 
 @dataclass
-class DataloaderConfig:
+class DataloaderConfig(ResumeConfig):
     """The `dataloader` section of a recipe."""
 
     #: Training data: .jsonl (one JSON object per line) or .parquet files, read in order.
@@ -85,11 +85,6 @@ class DataloaderConfig:
     max_staleness: int = 0
     #: False: lease training items without waiting for weights.live (standalone debugging).
     admission_control: bool = True
-    #: Checkpoint to resume from: a checkpoint directory (or its data_state.json), "auto" =
-    #: the newest complete one under checkpoint_dir, "" = fresh start (recipe: ${trainer.resume}).
-    resume_from: str = ""
-    #: Where "auto" looks; "" = <node.run_dir>/checkpoints (recipe: ${trainer.checkpoint_dir}).
-    checkpoint_dir: str = ""
     #: Seconds between `metrics{kind: dataloader}` events (only sent when something changed).
     metrics_interval_s: float = 10.0
     #: Bad rows logged one by one per file; the rest are counted and summarised.

@@ -47,11 +47,11 @@ import numpy as np
 from nexrl.bus.reqrep import RemoteError, RequestTimeout
 from nexrl.config import NodeConfig
 from nexrl.node import DEFER, Deferred, HandlerError, Node, Request, handles
-from nexrl.checkpoint import read_data_state, resolve_resume
+from nexrl.checkpoint import ResumeConfig, read_data_state, resolve_resume
 
 
 @dataclass
-class PoolConfig:
+class PoolConfig(ResumeConfig):
     """The `pool` section of a recipe."""
 
     #: Trajectories per group for trajectories without a `group_size` field (recipe:
@@ -63,11 +63,6 @@ class PoolConfig:
     #: Drop groups whose rewards are all equal (they give zero advantage) and refund their
     #: admission slot to the dataloader (DAPO-style dynamic sampling). Groups of 1 are kept.
     filter_zero_variance: bool = False
-    #: Checkpoint to resume from: a checkpoint directory (or its data_state.json), "auto" =
-    #: the newest complete one under checkpoint_dir, "" = fresh start (recipe: ${trainer.resume}).
-    resume_from: str = ""
-    #: Where "auto" looks; "" = <node.run_dir>/checkpoints (recipe: ${trainer.checkpoint_dir}).
-    checkpoint_dir: str = ""
     #: Seconds between "is the data exhausted?" questions to the dataloader while a batch
     #: request waits for groups.
     exhausted_poll_s: float = 1.0
