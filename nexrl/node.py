@@ -41,18 +41,17 @@ A role subclasses Node, sets `role` and `Config` (its config dataclass), and mar
 
 from __future__ import annotations
 
-import ast
+import dis
 import gc
-import inspect
 import logging
 import os
 import signal
 import socket
 import sys
-import textwrap
 import threading
 import time
 import traceback
+import types
 from typing import Any, Callable, ClassVar
 
 import zmq
@@ -96,7 +95,6 @@ class Node(MessageHandling):
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        cls._handlers = _collect_handlers(cls)
         taken = (_private_names(cls, defined_only=True) & _base_private_names()
                  - set(cls.RUNTIME_OVERRIDES))
         if taken:
@@ -104,6 +102,7 @@ class Node(MessageHandling):
                             f"which the Node base class uses itself: rename "
                             f"{'it' if len(taken) == 1 else 'them'} (e.g. without the underscore), "
                             f"or list a deliberate override in RUNTIME_OVERRIDES")
+        cls._handlers = _collect_handlers(cls)
 
     def __init__(self, node_cfg: NodeConfig, cfg: Any = None):
         self.node_cfg, self.cfg = node_cfg, cfg
@@ -559,20 +558,24 @@ Node._handlers = _collect_handlers(Node)
 
 
 def _private_names(cls: type, defined_only: bool = False) -> set[str]:
-    """Private names (`_x`, not `__x__`) of `cls`'s own source: its methods and the `self._x`
-    attributes its methods use (defined_only: assign). Empty when the source is not at hand."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return set()
-    names = set()
-    for n in ast.walk(tree):
-        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            names.add(n.name)
-        elif (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
-              and (not defined_only or isinstance(n.ctx, ast.Store))):
-            names.add(n.attr)
-    return {x for x in names if x.startswith("_") and not x.startswith("__")}
+    """Private names (`_x`, not `__x__`) of `cls` itself: its methods and class attributes, and
+    the names its functions (nested ones too) use, or with defined_only the attributes they
+    assign. Read from the compiled code (no source needed): ~0.1 ms for the names used, a few
+    ms for the assignments of a large role class."""
+    names = set(vars(cls))
+    todo = []
+    for v in vars(cls).values():
+        v = getattr(v, "__func__", v)  # staticmethod / classmethod
+        fns = (v.fget, v.fset, v.fdel) if isinstance(v, property) else (v,)
+        todo += [f.__code__ for f in fns if hasattr(f, "__code__")]
+    while todo:
+        code = todo.pop()
+        todo += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+        if defined_only:
+            names.update(i.argval for i in dis.get_instructions(code) if i.opname == "STORE_ATTR")
+        else:
+            names.update(code.co_names)
+    return {x for x in names if isinstance(x, str) and x.startswith("_") and not x.startswith("__")}
 
 
 _BASE_PRIVATE: set[str] = set()
