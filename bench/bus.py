@@ -218,10 +218,18 @@ def raw_frames(*trajs: dict[str, Any]) -> list:
 # --------------------------------------------------------------------------- exchanges
 
 
-def rtt_raw(ctx: zmq.Context, ep: str, payload: bytes, n: int) -> list[float]:
+def raw_dealer(ctx: zmq.Context, ep: str) -> zmq.Socket:
+    """The raw client's socket; a reply that takes over 30 s raises zmq.Again (the bench fails
+    instead of hanging when the raw server is gone)."""
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
+    s.rcvtimeo = 30_000
     s.connect(ep)
+    return s
+
+
+def rtt_raw(ctx: zmq.Context, ep: str, payload: bytes, n: int) -> list[float]:
+    s = raw_dealer(ctx, ep)
     out = []
     for i in range(n + 50):
         t = time.perf_counter()
@@ -249,9 +257,7 @@ def pipe_raw(ctx: zmq.Context, ep: str, trajs: list, n: int, window: int,
     """Each message's metadata frame is packed as it is sent (a real sender has a new
     trajectory every time) and each ack is unpacked; `prebuilt`: the same frames, packed
     once, are sent every time and acks are not read (the lower bound of raw pyzmq)."""
-    s = ctx.socket(zmq.DEALER)
-    s.linger = 0
-    s.connect(ep)
+    s = raw_dealer(ctx, ep)
     frames = raw_frames(*trajs)
     s.send_multipart(frames, copy=False)  # warm up the connection
     s.recv()
@@ -300,12 +306,15 @@ def events_raw(ctx: zmq.Context, pub_ep: str, sub_ep: str, n: int) -> float:
     pub.sndhwm = 10_000
     pub.linger = 0
     pub.connect(pub_ep)
+    deadline = time.monotonic() + 30.0
     while True:  # handshake: wait until an event comes back
         pub.send_multipart([b"metrics", header])
         if sub.poll(100):
             while sub.poll(50):
                 sub.recv_multipart()
             break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bench: no event came back through the proxy at {pub_ep} in 30 s")
     t = time.perf_counter()
     for _ in range(n):
         pub.send_multipart([b"metrics", header], zmq.NOBLOCK)

@@ -54,6 +54,7 @@ def in_process(n: int) -> dict[str, float]:
     router = ctx.socket(zmq.ROUTER)
     router.bind("inproc://raw")
     dealer.connect("inproc://raw")
+    dealer.rcvtimeo = router.rcvtimeo = 5_000  # a lost message fails the run, never hangs it
     traj_body = {"trajectories": [trajectory(4096)]}
     trajs = traj_body["trajectories"]
     ping_body = {"payload": {"i": 1, "text": "hello"}}
