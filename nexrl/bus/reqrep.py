@@ -210,14 +210,8 @@ class ReplyCache:
                     self._shed_bytes()
         d = self._d
         d[key] = value
-        if len(d) > self.size:  # the common case once full: one key in, the oldest out
-            k, _ = d.popitem(last=False)
-            if sized:
-                n = sized.pop(k, None)
-                if n is not None:
-                    self.nbytes -= n
-            if len(d) > self.size:
-                self._shed_keys()
+        if len(d) > self.size:
+            self._shed_keys()
 
     def _shed_bytes(self) -> None:
         """Turn the oldest replies into tombstones until the frames fit in max_bytes."""
