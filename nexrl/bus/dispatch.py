@@ -32,9 +32,8 @@ import zmq
 from . import codec, schema
 from .codec import Message
 from .reqrep import ReplyCache
-from .sockets import NOBLOCK, SNDMORE, recv_frames, send_frames
+from .sockets import NOBLOCK, recv_frames, send_frames
 
-NOBLOCK_SNDMORE = NOBLOCK | SNDMORE
 POLLIN = int(zmq.POLLIN)
 zmq_poll = zmq.zmq_poll
 #: Requests every node answers in any state (see Node.SERVE_WHEN_READY_ONLY).
@@ -265,12 +264,7 @@ class MessageHandling:
 
     def _send_routed(self, peer: bytes, frames: list) -> bool:
         try:
-            if len(frames) == 1:  # the common case, without send_frames' list building
-                send = self._router.send
-                send(peer, NOBLOCK_SNDMORE, copy=False)
-                send(frames[0], NOBLOCK, copy=False)
-            else:
-                send_frames(self._router, frames, NOBLOCK, prefix=[peer])
+            send_frames(self._router, frames, NOBLOCK, prefix=[peer])
             return True
         except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or its queue is full (Again)
             self.stats["reply_failures"] += 1

@@ -190,15 +190,18 @@ def send_frames(sock: zmq.Socket, frames: list, flags: int = 0, prefix: list | N
     """
     send = sock.send
     flags = int(flags)
-    if not prefix and len(frames) == 1:  # the common case: one header frame
+    more = flags | SNDMORE
+    if prefix:
+        for part in prefix:
+            send(part, more, copy=False)
+    last = len(frames) - 1
+    if last == 0:  # the common case: the header alone
         send(frames[0], flags, copy=copy_header)
         return
-    more = flags | SNDMORE
-    for part in prefix or ():
-        send(part, more, copy=False)
-    last = len(frames) - 1
-    for i, part in enumerate(frames):
-        send(part, flags if i == last else more, copy=copy_header and i == 0)
+    send(frames[0], more, copy=copy_header)
+    for i in range(1, last):
+        send(frames[i], more, copy=False)
+    send(frames[last], flags, copy=False)
 
 
 def recv_frames(sock: zmq.Socket, n_head: int, flags: int = 0) -> list:
